@@ -1,0 +1,1 @@
+//! Import torchvision ResNet checkpoints into `resnet-model` records.

@@ -1,0 +1,38 @@
+//! torchvision's ResNet family for [Burn](https://burn.dev): ResNet-18 to 152, ResNeXt and Wide
+//! ResNet, as one model definition that runs on every Burn backend.
+//!
+//! The architecture is torchvision's ResNet v1.5 (He et al., [Deep Residual Learning for Image
+//! Recognition](https://arxiv.org/abs/1512.03385); Xie et al., [ResNeXt](https://arxiv.org/abs/1611.05431);
+//! Zagoruyko and Komodakis, [Wide Residual Networks](https://arxiv.org/abs/1605.07146)), with the
+//! same module names as its `state_dict` so that PyTorch checkpoints load with a few renaming
+//! rules (see the `resnet-import` crate).
+//!
+//! This crate never names a backend. Modules are built on a [`Device`](burn::tensor::Device)
+//! the caller passes in; the cargo features (`flex` by default, `ndarray`, `wgpu`, `vulkan`,
+//! `metal`, `tch`, `cuda`) only decide which backends' devices can exist.
+//!
+//! ```no_run
+//! use burn::tensor::{Device, Tensor};
+//! use resnet_model::{BlockKind, ResNetConfig};
+//!
+//! let device = Device::flex();
+//! // torchvision's `ResNet(Bottleneck, [3, 8, 36, 3])`, i.e. resnet152():
+//! let model = ResNetConfig::new(BlockKind::Bottleneck, [3, 8, 36, 3]).init(&device);
+//! let logits = model.forward(Tensor::zeros([1, 3, 224, 224], &device));
+//! assert_eq!(logits.dims(), [1, 1000]);
+//! ```
+
+mod block;
+mod error;
+mod layer;
+mod resnet;
+mod summary;
+
+pub use block::{BasicBlock, BlockConfig, BlockKind, Bottleneck, Downsample, ResidualBlock};
+pub use error::ConfigError;
+pub use layer::{LayerBuilder, make_layer};
+pub use resnet::{ARCHITECTURES, ResNet, ResNetConfig};
+pub use summary::{ModelSummary, ParameterCounts, StageSummary, parameter_counts};
+
+#[cfg(test)]
+mod tests;
