@@ -1,8 +1,81 @@
 //! Project automation, run as `cargo xtask <command>`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::{Context, Result};
+use burn::tensor::Device;
+use clap::{Parser, Subcommand};
+use resnet_import::registry::WeightsVersion;
+use resnet_import::{find_weights, import_pretrained, load_record};
+
+/// resnet-rs project tasks.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Download (or take --from) torchvision's ImageNet weights and write a Burn record.
+    ImportWeights {
+        /// Architecture, e.g. resnet50 or resnext101_32x8d.
+        #[arg(long)]
+        arch: String,
+        /// Weights version: v1 or v2 (default: the newest, torchvision's DEFAULT).
+        #[arg(long)]
+        weights: Option<String>,
+        /// Use this local copy of the `.pth` instead of downloading it.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "weights")]
+        out: PathBuf,
+        /// Re-import even if the record already exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::ImportWeights {
+            arch,
+            weights,
+            from,
+            out,
+            force,
+        } => {
+            let version = weights
+                .map(|v| {
+                    WeightsVersion::parse(&v)
+                        .with_context(|| format!("unknown weights version `{v}` (use v1 or v2)"))
+                })
+                .transpose()?;
+            let entry = find_weights(&arch, version)?;
+            let device = Device::flex();
+            let path = import_pretrained(entry, from.as_deref(), &out, force, &device)?;
+            let (model, _) = load_record(&path, &device)?;
+            println!(
+                "wrote {} ({}, {} parameters, ImageNet acc@1 {:.3} as published)",
+                path.display(),
+                entry.weights_name(),
+                model.num_parameters(),
+                entry.acc1
+            );
+            Ok(())
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    eprintln!("error: no xtask commands yet");
-    ExitCode::from(2)
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

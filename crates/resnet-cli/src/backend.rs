@@ -58,6 +58,15 @@ impl Backend {
             .collect()
     }
 
+    /// The backend used when `--backend` is not given: the first compiled in (flex, when it
+    /// is).
+    pub fn default_compiled() -> Result<Backend> {
+        match Backend::compiled().first() {
+            Some(backend) => Ok(*backend),
+            None => bail!("no backend is compiled into this binary; build with `--features flex`"),
+        }
+    }
+
     /// The device of this backend, or an error naming the feature to enable.
     #[allow(deprecated, unreachable_code)] // ndarray and tch are deprecated in Burn 0.22.
     pub fn device(self) -> Result<Device> {

@@ -1,6 +1,7 @@
 //! `resnet`: inspect, import and run torchvision ResNets on any compiled-in Burn backend.
 
 mod backend;
+mod import;
 mod info;
 
 use std::process::ExitCode;
@@ -13,9 +14,10 @@ use crate::backend::Backend;
 #[derive(Parser, Debug)]
 #[command(name = "resnet", version, about)]
 struct Cli {
-    /// Backend to run on (only those compiled in via cargo features are available).
-    #[arg(long, global = true, value_enum, default_value = "flex")]
-    backend: Backend,
+    /// Backend to run on (only those compiled in via cargo features are available;
+    /// default: flex, or the first one compiled in).
+    #[arg(long, global = true, value_enum)]
+    backend: Option<Backend>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,25 +26,36 @@ struct Cli {
 enum Command {
     /// Print an architecture's parameter count, multiply-adds and per-stage shapes.
     Info(info::InfoArgs),
+    /// Import a PyTorch checkpoint (`.pth`, `.safetensors`) as a Burn record (`.bpk`).
+    Import(import::ImportArgs),
+    /// Run a model on a float32 NCHW `.npy` tensor and write logits (or features) as `.npy`.
+    Forward(import::ForwardArgs),
     /// List the backends compiled into this binary.
     Backends,
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Info(args) => cli
-            .backend
-            .device()
-            .and_then(|device| info::run(&args, &device)),
-        Command::Backends => {
-            for backend in Backend::compiled() {
-                println!("{}", backend.cli_name());
-            }
-            Ok(())
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Backends = cli.command {
+        for backend in Backend::compiled() {
+            println!("{}", backend.cli_name());
         }
+        return Ok(());
+    }
+    let backend = match cli.backend {
+        Some(backend) => backend,
+        None => Backend::default_compiled()?,
     };
-    match result {
+    let device = backend.device()?;
+    match cli.command {
+        Command::Info(args) => info::run(&args, &device),
+        Command::Import(args) => import::import(&args, &device),
+        Command::Forward(args) => import::forward(&args, &device),
+        Command::Backends => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

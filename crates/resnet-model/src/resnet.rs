@@ -49,6 +49,13 @@ pub struct ResNetConfig {
     /// no max-pool, instead of the 7x7 stride-2 convolution and 3x3 stride-2 max-pool.
     #[config(default = false)]
     pub cifar_stem: bool,
+    /// Output channels of the stem convolution (torchvision: 64).
+    #[config(default = 64)]
+    pub stem_channels: usize,
+    /// Base planes of the four stages (torchvision: 64, 128, 256, 512); a stage outputs
+    /// `planes * expansion` channels. Smaller values make narrow variants (tests, tiny devices).
+    #[config(default = "[64, 128, 256, 512]")]
+    pub stage_planes: [usize; 4],
 }
 
 /// Names of the presets, in torchvision's order.
@@ -64,10 +71,6 @@ pub const ARCHITECTURES: [&str; 10] = [
     "wide_resnet50_2",
     "wide_resnet101_2",
 ];
-
-/// Channels out of the stem, and base planes of each stage.
-const STEM_CHANNELS: usize = 64;
-const STAGE_PLANES: [usize; 4] = [64, 128, 256, 512];
 
 impl ResNetConfig {
     /// ResNet-18 (11.7M parameters).
@@ -146,13 +149,16 @@ impl ResNetConfig {
                     && preset.layers == self.layers
                     && preset.groups == self.groups
                     && preset.width_per_group == self.width_per_group
+                    && preset.stem_channels == self.stem_channels
+                    && preset.stage_planes == self.stage_planes
             })
         })
     }
 
-    /// Channels of the pooled feature vector: `512 * expansion`.
+    /// Channels of the pooled feature vector: `stage_planes[3] * expansion` (2048 for
+    /// ResNet-50).
     pub fn feature_dim(&self) -> usize {
-        STAGE_PLANES[3] * self.block.expansion()
+        self.stage_planes[3] * self.block.expansion()
     }
 
     /// Check the settings that would make [`init`](Self::init) panic, as torchvision's
@@ -190,7 +196,7 @@ impl ResNetConfig {
                     "BasicBlock does not support replace_stride_with_dilation".into(),
                 ));
             }
-        } else if STAGE_PLANES[0] * self.width_per_group / 64 == 0 {
+        } else if self.stage_planes[0] * self.width_per_group / 64 == 0 {
             return Err(ConfigError::Invalid(
                 "width_per_group is too small: the first stage's bottleneck would have no \
                  channels"
@@ -215,7 +221,15 @@ impl ResNetConfig {
         }
         let (conv1, maxpool) = if self.cifar_stem {
             (
-                conv([self.in_channels, STEM_CHANNELS], 3, 1, 1, 1, 1, device),
+                conv(
+                    [self.in_channels, self.stem_channels],
+                    3,
+                    1,
+                    1,
+                    1,
+                    1,
+                    device,
+                ),
                 None,
             )
         } else {
@@ -224,12 +238,20 @@ impl ResNetConfig {
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                 .init();
             (
-                conv([self.in_channels, STEM_CHANNELS], 7, 2, 3, 1, 1, device),
+                conv(
+                    [self.in_channels, self.stem_channels],
+                    7,
+                    2,
+                    3,
+                    1,
+                    1,
+                    device,
+                ),
                 Some(maxpool),
             )
         };
 
-        let mut builder = LayerBuilder::new(self.block, STEM_CHANNELS)
+        let mut builder = LayerBuilder::new(self.block, self.stem_channels)
             .with_groups(self.groups)
             .with_base_width(self.width_per_group)
             .with_zero_init_residual(self.zero_init_residual);
@@ -237,7 +259,7 @@ impl ResNetConfig {
         let mut stage = |index: usize, stride: usize, dilate: bool| {
             make_layer(
                 &mut builder,
-                STAGE_PLANES[index],
+                self.stage_planes[index],
                 self.layers[index],
                 stride,
                 dilate,
@@ -251,7 +273,7 @@ impl ResNetConfig {
 
         ResNet {
             conv1,
-            bn1: batch_norm(STEM_CHANNELS, false, device),
+            bn1: batch_norm(self.stem_channels, false, device),
             maxpool,
             layer1,
             layer2,
@@ -275,13 +297,13 @@ pub struct ResNet {
     pub bn1: BatchNorm,
     /// Stem 3x3 stride-2 max-pool; absent with the CIFAR stem.
     pub maxpool: Option<MaxPool2d>,
-    /// Stage 1: stride 1, 64 base planes.
+    /// Stage 1: stride 1.
     pub layer1: Vec<ResidualBlock>,
-    /// Stage 2: stride 2, 128 base planes.
+    /// Stage 2: stride 2 (or dilation).
     pub layer2: Vec<ResidualBlock>,
-    /// Stage 3: stride 2, 256 base planes.
+    /// Stage 3: stride 2 (or dilation).
     pub layer3: Vec<ResidualBlock>,
-    /// Stage 4: stride 2, 512 base planes.
+    /// Stage 4: stride 2 (or dilation).
     pub layer4: Vec<ResidualBlock>,
     /// Global average pool.
     pub avgpool: AdaptiveAvgPool2d,
