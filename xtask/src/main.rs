@@ -1,5 +1,7 @@
 //! Project automation, run as `cargo xtask <command>`.
 
+mod bench_import;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,6 +39,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Benchmark importing a full-size checkpoint: time and peak memory, against reading the
+    /// file (needs a Python with torch and torchvision to make the checkpoint).
+    BenchImport(bench_import::Args),
+    /// (internal) One measured run of bench-import, in a fresh process.
+    #[command(hide = true)]
+    BenchImportChild(bench_import::ChildArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -56,7 +64,8 @@ fn run(cli: Cli) -> Result<()> {
                 .transpose()?;
             let entry = find_weights(&arch, version)?;
             let device = Device::flex();
-            let path = import_pretrained(entry, from.as_deref(), &out, force, &device)?;
+            let cache = resnet_import::download::cache_dir()?;
+            let path = import_pretrained(entry, from.as_deref(), &cache, &out, force, &device)?;
             let (model, _) = load_record(&path, &device)?;
             println!(
                 "wrote {} ({}, {} parameters, ImageNet acc@1 {:.3} as published)",
@@ -67,6 +76,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::BenchImport(args) => bench_import::run(&args),
+        Command::BenchImportChild(args) => bench_import::child(&args),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use resnet_model::{ResNet, ResNetConfig};
 
-use crate::download::{DownloadOptions, cache_dir, fetch};
+use crate::download::{DownloadOptions, fetch};
 use crate::error::ImportError;
 use crate::record::{Preprocessing, RecordMeta, record_path, save_record};
 use crate::registry::{self, IMAGENET_CLASSES, WeightsEntry, WeightsVersion};
@@ -123,11 +123,13 @@ pub fn find_weights(
 /// return that path.
 ///
 /// The checkpoint is `from` when given (an offline copy of the `.pth`), else downloaded into
-/// the cache ([`cache_dir`]) and verified. An existing record is reused unless `force`.
+/// `cache` (usually [`cache_dir`](crate::download::cache_dir)) and verified. An existing
+/// record is reused unless `force`.
 /// The record carries the ImageNet class names and the entry's preprocessing.
 pub fn import_pretrained(
     entry: &WeightsEntry,
     from: Option<&Path>,
+    cache: &Path,
     out_dir: &Path,
     force: bool,
     device: &Device,
@@ -142,7 +144,7 @@ pub fn import_pretrained(
             entry.url,
             entry.file_name,
             entry.sha256_prefix,
-            &cache_dir()?,
+            cache,
             &DownloadOptions::default(),
         )?,
     };

@@ -12,7 +12,9 @@ use std::process::Command;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use resnet_import::{ImportOptions, import_checkpoint, npy};
+use resnet_import::download::sha256_file;
+use resnet_import::registry::{self, IMAGENET_CLASSES, WeightsVersion};
+use resnet_import::{ImportOptions, import_checkpoint, import_pretrained, load_record, npy};
 use resnet_model::ARCHITECTURES;
 
 /// Largest tolerated `max |ours - PyTorch| / max |PyTorch|` over the logits.
@@ -89,10 +91,85 @@ fn every_preset_matches_pytorch_at_full_size() {
             "{arch}: relative error {relative}"
         );
         worst = worst.max(relative);
+        if arch == "resnet18" {
+            pretrained_pipeline_over_loopback(&checkpoint, &expected, &device);
+        }
         std::fs::remove_file(&checkpoint).expect("remove checkpoint");
     }
     println!(
         "full-size parity: worst relative error {worst:e} over {} presets",
         ARCHITECTURES.len()
     );
+}
+
+/// Serves `body` at any path to `requests` connections on 127.0.0.1, then stops.
+fn serve(body: Vec<u8>, requests: usize) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("address");
+    let handle = std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let header = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(header.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (format!("http://{addr}"), handle)
+}
+
+/// torchvision's resnet18 weights entry, pointed at a loopback server serving a real
+/// torchvision checkpoint: download into the cache, verify, import, write the record.
+fn pretrained_pipeline_over_loopback(checkpoint: &Path, expected: &[f32], device: &Device) {
+    let real = registry::find("resnet18", WeightsVersion::V1).expect("resnet18 V1 entry");
+    let hash = sha256_file(checkpoint).expect("hash");
+    let file_name = format!("resnet18-{}.pth", &hash[..8]);
+    let (base, server) = serve(std::fs::read(checkpoint).expect("read checkpoint"), 1);
+    let url = format!("{base}/models/{file_name}");
+    let mut entry = *real;
+    entry.url = Box::leak(url.into_boxed_str());
+    entry.file_name = Box::leak(file_name.into_boxed_str());
+    entry.sha256_prefix = Box::leak(hash[..8].to_string().into_boxed_str());
+
+    let cache = tempfile::tempdir().expect("cache dir");
+    let out = tempfile::tempdir().expect("out dir");
+    let record = import_pretrained(&entry, None, cache.path(), out.path(), false, device)
+        .unwrap_or_else(|err| panic!("{err}"));
+    server.join().expect("server thread");
+    assert_eq!(record, out.path().join("resnet18-IMAGENET1K_V1.bpk"));
+    assert!(cache.path().join(entry.file_name).exists());
+
+    let (model, meta) = load_record(&record, device).expect("record loads");
+    assert_eq!(meta.weights.as_deref(), Some("resnet18-IMAGENET1K_V1"));
+    assert_eq!(
+        meta.classes.as_ref().map(Vec::len),
+        Some(IMAGENET_CLASSES.len())
+    );
+    assert_eq!(
+        meta.preprocessing.as_ref().map(|p| p.resize_size),
+        Some(256)
+    );
+    let (shape, values) = read(&checkpoint.with_file_name("input.npy"));
+    let shape: [usize; 4] = shape.try_into().expect("NCHW input");
+    let input = Tensor::<4>::from_data(TensorData::new(values, shape), device);
+    let logits: Vec<f32> = model
+        .valid()
+        .forward(input)
+        .into_data()
+        .try_to_vec()
+        .expect("f32");
+    let diff = logits
+        .iter()
+        .zip(expected)
+        .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
+    println!("resnet18 via loopback download and record: max |logits - PyTorch| = {diff:e}");
+    assert!(diff <= 1e-4, "{diff}");
 }
