@@ -1,6 +1,8 @@
 //! `resnet`: inspect, import and run torchvision ResNets on any compiled-in Burn backend.
 
 mod backend;
+mod bench;
+mod classify;
 mod import;
 mod info;
 
@@ -24,6 +26,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Classify images with ImageNet weights (or your own record), on any compiled-in backend.
+    Classify(classify::ClassifyArgs),
+    /// Write the exact float32 NCHW tensor `classify` feeds the network, as `.npy`.
+    Preprocess(classify::PreprocessArgs),
+    /// Measure inference latency and throughput of an architecture.
+    Bench(bench::BenchArgs),
     /// Print an architecture's parameter count, multiply-adds and per-stage shapes.
     Info(info::InfoArgs),
     /// Import a PyTorch checkpoint (`.pth`, `.safetensors`) as a Burn record (`.bpk`).
@@ -35,11 +43,15 @@ enum Command {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Backends = cli.command {
-        for backend in Backend::compiled() {
-            println!("{}", backend.cli_name());
+    match &cli.command {
+        Command::Backends => {
+            for backend in Backend::compiled() {
+                println!("{}", backend.cli_name());
+            }
+            return Ok(());
         }
-        return Ok(());
+        Command::Preprocess(args) => return classify::preprocess_command(args),
+        _ => {}
     }
     let backend = match cli.backend {
         Some(backend) => backend,
@@ -47,10 +59,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let device = backend.device()?;
     match cli.command {
+        Command::Classify(args) => classify::classify(&args, &device),
+        Command::Bench(args) => bench::run(&args, backend, &device),
         Command::Info(args) => info::run(&args, &device),
         Command::Import(args) => import::import(&args, &device),
         Command::Forward(args) => import::forward(&args, &device),
-        Command::Backends => Ok(()),
+        Command::Backends | Command::Preprocess(_) => Ok(()),
     }
 }
 

@@ -17,6 +17,7 @@ mod import;
 pub mod infer;
 pub mod keymap;
 pub mod npy;
+pub mod preprocess;
 pub mod record;
 pub mod registry;
 
