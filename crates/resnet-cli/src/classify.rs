@@ -85,7 +85,14 @@ impl WeightsArgs {
         let cache = download::cache_dir()?;
         let record = import_pretrained(entry, None, &cache, &cache.join("records"), false, device)
             .with_context(|| format!("getting {}", entry.weights_name()))?;
-        Ok(resnet_import::load_record(&record, device)?)
+        let (model, meta) = resnet_import::load_record(&record, device)?;
+        if meta.config.preset_name() != Some(arch) {
+            bail!(
+                "{}: the cached record is not {arch}; delete it to import the weights again",
+                record.display()
+            );
+        }
+        Ok((model, meta))
     }
 
     fn load_path(&self, path: &Path, device: &Device) -> Result<(ResNet, RecordMeta)> {

@@ -330,3 +330,62 @@ fn bench_reports_latency_and_throughput() {
     let throughput = report["images_per_second"].as_f64().unwrap();
     assert!((throughput - 2.0 / (median / 1e3)).abs() < 1e-6 * throughput);
 }
+
+/// `--weights v1` reuses the record imported on first use (here placed in the cache by the
+/// test, with random weights: no network is touched) and labels with ImageNet's classes.
+#[test]
+fn torchvision_weights_are_reused_from_the_cache() {
+    use burn::tensor::Device;
+    use resnet_import::{Preprocessing, RecordMeta, registry::IMAGENET_CLASSES, save_record};
+    use resnet_model::ResNetConfig;
+
+    let cache = tempfile::tempdir().unwrap();
+    let config = ResNetConfig::resnet18();
+    let model = config.init(&Device::flex());
+    let mut meta = RecordMeta::new(config);
+    meta.classes = Some(IMAGENET_CLASSES.iter().map(|c| c.to_string()).collect());
+    meta.preprocessing = Some(Preprocessing::imagenet(256));
+    let record = cache.path().join("records/resnet18-IMAGENET1K_V1.bpk");
+    save_record(&model, &meta, &record).unwrap();
+
+    let output = resnet()
+        .env("RESNET_CACHE", cache.path())
+        .args([
+            "classify",
+            "--arch",
+            "resnet18",
+            "--weights",
+            "v1",
+            "--json",
+        ])
+        .arg(image("chelsea.jpg"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let prediction: Prediction = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(prediction.labels.len(), 5);
+    assert_eq!(
+        prediction.labels[0],
+        IMAGENET_CLASSES[prediction.indices[0]]
+    );
+
+    // A cached record of another architecture is refused, not silently used.
+    std::fs::rename(
+        &record,
+        cache.path().join("records/resnet34-IMAGENET1K_V1.bpk"),
+    )
+    .unwrap();
+    let output = resnet()
+        .env("RESNET_CACHE", cache.path())
+        .args(["classify", "--arch", "resnet34", "--weights", "v1"])
+        .arg(image("chelsea.jpg"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr.contains("the cached record is not resnet34"),
+        "{stderr}"
+    );
+}
