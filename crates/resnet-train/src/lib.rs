@@ -1,5 +1,11 @@
 //! Training and fine-tuning of `resnet-model` networks on your own images with Burn's
-//! `Learner`.
-//!
-//! Not implemented yet: this crate is wired into the workspace so that the training loop
-//! (issue "resnet-train") lands without restructuring. The binary says so and exits non-zero.
+//! `Learner`: image folders or CIFAR-10, torchvision-style augmentation, SGD or AdamW with
+//! warm-up and cosine decay, checkpoints every epoch with `--resume`, and the run's records,
+//! `metrics.csv`, `curves.png` and confusion matrix.
+
+pub mod data;
+mod logger;
+pub mod model;
+pub mod plots;
+mod renderer;
+pub mod train;

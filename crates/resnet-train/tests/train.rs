@@ -1,0 +1,351 @@
+//! `resnet-train` learns, checkpoints, resumes after SIGKILL, fine-tunes only the head when
+//! asked, and refuses bad input with one-line errors.
+
+#![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use clap::Parser;
+use image::{Rgb, RgbImage};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use resnet_train::train::{TrainArgs, run};
+
+/// Draws one 32x32 image of `class`: 0 a horizontal bar, 1 a vertical bar, 2 a filled disc;
+/// random position, size and colours, on a noisy background.
+fn shape(class: usize, rng: &mut StdRng) -> RgbImage {
+    let mut img = RgbImage::new(32, 32);
+    let background = [
+        rng.random_range(0..100u8),
+        rng.random_range(0..100),
+        rng.random_range(0..100),
+    ];
+    let colour = [
+        rng.random_range(150..=255u8),
+        rng.random_range(150..=255),
+        rng.random_range(150..=255),
+    ];
+    for pixel in img.pixels_mut() {
+        let noise = rng.random_range(0..30u8);
+        *pixel = Rgb(background.map(|c| c.saturating_add(noise)));
+    }
+    let (cx, cy) = (rng.random_range(8..24i32), rng.random_range(8..24i32));
+    let half = rng.random_range(5..8i32);
+    for y in 0..32i32 {
+        for x in 0..32i32 {
+            let (dx, dy) = (x - cx, y - cy);
+            let inside = match class {
+                0 => dx.abs() <= half && dy.abs() <= 1,
+                1 => dx.abs() <= 1 && dy.abs() <= half,
+                _ => dx * dx + dy * dy <= half * half,
+            };
+            if inside {
+                img.put_pixel(x as u32, y as u32, Rgb(colour));
+            }
+        }
+    }
+    img
+}
+
+const CLASSES: [&str; 3] = ["disc", "horizontal", "vertical"];
+
+/// `dir/train/<class>/*.png` and `dir/val/<class>/*.png`.
+fn shapes_dataset(dir: &Path, train_per_class: usize, val_per_class: usize) {
+    let mut rng = StdRng::seed_from_u64(7);
+    for (split, count) in [("train", train_per_class), ("val", val_per_class)] {
+        for (class, name) in [(2, CLASSES[0]), (0, CLASSES[1]), (1, CLASSES[2])] {
+            let folder = dir.join(split).join(name);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..count {
+                shape(class, &mut rng)
+                    .save(folder.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
+    let mut argv: Vec<String> = vec![
+        "resnet-train".into(),
+        "--data".into(),
+        data.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    TrainArgs::try_parse_from(argv).unwrap()
+}
+
+/// A narrow CIFAR-stem ResNet-18 on 3 classes of drawn shapes reaches at least 90%
+/// validation accuracy (chance: 33%).
+#[test]
+fn learns_a_small_real_image_task() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes_dataset(&dir.path().join("data"), 80, 30);
+    let out = dir.path().join("run");
+    let start = Instant::now();
+    let summary = run(
+        &args(
+            &dir.path().join("data"),
+            &out,
+            &[
+                "--arch",
+                "resnet18",
+                "--width",
+                "8",
+                "--cifar-stem",
+                "--epochs",
+                "8",
+                "--batch-size",
+                "32",
+                "--lr",
+                "0.05",
+                "--seed",
+                "1",
+            ],
+        ),
+        &Device::flex(),
+    )
+    .unwrap();
+    println!(
+        "shapes (3 classes, 240 train / 90 val): validation top-1 {:.1}% after 8 epochs in {:.0?}",
+        summary.final_val_acc1 * 100.0,
+        start.elapsed()
+    );
+    assert!(summary.final_val_acc1 >= 0.9, "{}", summary.final_val_acc1);
+
+    // The run's outputs.
+    for file in [
+        "final.bpk",
+        "best.bpk",
+        "metrics.csv",
+        "curves.png",
+        "confusion.csv",
+        "confusion.png",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(
+        csv.lines().next(),
+        Some("epoch,split,loss,acc1,acc5,lr,seconds")
+    );
+    assert_eq!(csv.lines().count(), 1 + 2 * 8, "{csv}");
+    let first_train_loss: f64 = csv
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let last_train_loss: f64 = csv
+        .lines()
+        .rfind(|l| l.contains(",train,"))
+        .unwrap()
+        .split(',')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(last_train_loss < first_train_loss, "{csv}");
+
+    // The final record classifies with the class names it was trained on.
+    let (_, meta) = resnet_import::load_record(&out.join("final.bpk"), &Device::flex()).unwrap();
+    assert_eq!(meta.classes.unwrap(), CLASSES);
+}
+
+/// With `--freeze-backbone`, only the head's parameters change.
+#[test]
+fn frozen_backbone_changes_only_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes_dataset(&dir.path().join("data"), 10, 4);
+    // An initial record to fine-tune from.
+    let init = dir.path().join("init");
+    run(
+        &args(
+            &dir.path().join("data"),
+            &init,
+            &[
+                "--width",
+                "4",
+                "--cifar-stem",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+            ],
+        ),
+        &Device::flex(),
+    )
+    .unwrap();
+    let start = init.join("final.bpk");
+    let out = dir.path().join("frozen");
+    let summary = run(
+        &args(
+            &dir.path().join("data"),
+            &out,
+            &[
+                "--init",
+                start.to_str().unwrap(),
+                "--freeze-backbone",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--image-size",
+                "32",
+            ],
+        ),
+        &Device::flex(),
+    )
+    .unwrap();
+    let device = Device::flex();
+    let (before, _) = resnet_import::load_record(&start, &device).unwrap();
+    let (after, _) = resnet_import::load_record(&summary.final_record, &device).unwrap();
+    let values = |m: &resnet_model::ResNet| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        (
+            m.conv1.weight.val().into_data().try_to_vec().unwrap(),
+            m.bn1.running_mean.value().into_data().try_to_vec().unwrap(),
+            m.fc.weight.val().into_data().try_to_vec().unwrap(),
+        )
+    };
+    let (conv_before, bn_before, fc_before) = values(&before);
+    let (conv_after, bn_after, fc_after) = values(&after);
+    assert_eq!(conv_before, conv_after, "backbone convolution changed");
+    assert_eq!(
+        bn_before, bn_after,
+        "backbone batch-norm statistics changed"
+    );
+    assert_ne!(fc_before, fc_after, "the head did not train");
+}
+
+fn train_binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_resnet-train"))
+}
+
+/// SIGKILL in the middle of a run loses at most the current epoch: `--resume` continues after
+/// the last checkpoint and finishes.
+#[test]
+fn resumes_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    shapes_dataset(&data, 40, 10);
+    let out = dir.path().join("run");
+    let common = [
+        "--width",
+        "8",
+        "--cifar-stem",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--seed",
+        "3",
+    ];
+    let mut child = train_binary()
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args(common)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the first checkpoint, then kill without warning.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let checkpoint = out.join("checkpoint/model-1.bpk");
+    while !checkpoint.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint after 300 s");
+        assert!(child.try_wait().unwrap().is_none(), "training ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL on Unix.
+    child.wait().unwrap();
+    assert!(!out.join("final.bpk").exists());
+
+    let output = train_binary()
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args(common)
+        .arg("--resume")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming after epoch"), "{stderr}");
+    assert!(out.join("final.bpk").exists());
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    for epoch in 1..=4 {
+        for split in ["train", "val"] {
+            assert!(
+                csv.lines()
+                    .any(|l| l.starts_with(&format!("{epoch},{split},"))),
+                "epoch {epoch} {split} missing:\n{csv}"
+            );
+        }
+    }
+}
+
+fn fails(data: &Path, out: &Path, extra: &[&str], expected: &str) {
+    let output = train_binary()
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{extra:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains(expected),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(&empty, &out, &[], "empty");
+
+    let missing = dir.path().join("missing");
+    fails(&missing, &out, &[], "missing");
+
+    let one_class = dir.path().join("one");
+    std::fs::create_dir_all(one_class.join("cats")).unwrap();
+    shape(0, &mut StdRng::seed_from_u64(1))
+        .save(one_class.join("cats/a.png"))
+        .unwrap();
+    fails(&one_class, &out, &["--val-split", "0.5"], "one class");
+
+    let hollow = dir.path().join("hollow");
+    std::fs::create_dir_all(hollow.join("cats")).unwrap();
+    std::fs::create_dir_all(hollow.join("dogs")).unwrap();
+    shape(0, &mut StdRng::seed_from_u64(1))
+        .save(hollow.join("cats/a.png"))
+        .unwrap();
+    fails(&hollow, &out, &["--val-split", "0.5"], "dogs");
+
+    let data = dir.path().join("data");
+    shapes_dataset(&data, 2, 1);
+    fails(&data, &out, &["--resume"], "no checkpoint");
+    fails(
+        &data,
+        &out,
+        &["--arch", "resnet18", "--pretrained", "resnet50:v2"],
+        "does not match --arch resnet18",
+    );
+}
