@@ -37,7 +37,9 @@ pub struct ChildArgs {
     out: PathBuf,
 }
 
-fn python(explicit: Option<&str>) -> Result<String> {
+/// A Python that imports torch and torchvision: `explicit`, `$RESNET_PYTHON`,
+/// `.venv/bin/python` or `python3`.
+pub fn python(explicit: Option<&str>) -> Result<String> {
     let candidates = explicit
         .map(str::to_string)
         .into_iter()

@@ -1,6 +1,7 @@
 //! Project automation, run as `cargo xtask <command>`.
 
 mod bench_import;
+mod bench_train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ enum Command {
     /// Benchmark importing a full-size checkpoint: time and peak memory, against reading the
     /// file (needs a Python with torch and torchvision to make the checkpoint).
     BenchImport(bench_import::Args),
+    /// Benchmark a CIFAR-stem ResNet-18 training step against PyTorch (bench/train_step.py).
+    BenchTrain(bench_train::Args),
     /// (internal) One measured run of bench-import, in a fresh process.
     #[command(hide = true)]
     BenchImportChild(bench_import::ChildArgs),
@@ -77,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::BenchImport(args) => bench_import::run(&args),
+        Command::BenchTrain(args) => bench_train::run(&args),
         Command::BenchImportChild(args) => bench_import::child(&args),
     }
 }
