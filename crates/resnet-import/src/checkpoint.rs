@@ -13,7 +13,7 @@ use burn::store::{
 use burn::tensor::{DType, Device};
 use resnet_model::{ResNet, ResNetConfig};
 
-use crate::error::{ImportError, one_line};
+use crate::error::{ImportError, io_error, one_line};
 use crate::infer::{Inferred, Shapes, infer_config};
 use crate::keymap::{burn_to_torchvision, find_prefix, torchvision_to_burn};
 
@@ -41,7 +41,7 @@ impl Format {
     /// Guess from the first bytes: a safetensors file starts with a little-endian header length
     /// followed by `{`; anything else is handed to the PyTorch reader.
     fn sniff(path: &Path) -> Result<Self, ImportError> {
-        let mut file = File::open(path).map_err(|source| open_error(path, source))?;
+        let mut file = File::open(path).map_err(|source| io_error(path, source))?;
         let mut head = [0u8; 9];
         let mut read = 0;
         while read < head.len() {
@@ -64,17 +64,6 @@ impl Format {
         } else {
             Format::Pytorch
         })
-    }
-}
-
-fn open_error(path: &Path, source: std::io::Error) -> ImportError {
-    if source.kind() == std::io::ErrorKind::NotFound {
-        ImportError::NotFound(path.into())
-    } else {
-        ImportError::Io {
-            path: path.into(),
-            source,
-        }
     }
 }
 

@@ -79,6 +79,18 @@ pub enum ImportError {
     },
 }
 
+/// An I/O error on `path`: [`ImportError::NotFound`] when the file is missing.
+pub(crate) fn io_error(path: &std::path::Path, source: std::io::Error) -> ImportError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        ImportError::NotFound(path.into())
+    } else {
+        ImportError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
 /// Collapse a multi-line message from a dependency onto one line.
 pub(crate) fn one_line(message: impl std::fmt::Display) -> String {
     message

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use npyz::WriterBuilder;
 
-use crate::error::{ImportError, one_line};
+use crate::error::{ImportError, io_error, one_line};
 
 fn npy_error(path: &Path, message: impl std::fmt::Display) -> ImportError {
     ImportError::Record {
@@ -16,13 +16,7 @@ fn npy_error(path: &Path, message: impl std::fmt::Display) -> ImportError {
 
 /// Read a float32 (or float64, converted) C-ordered `.npy` array: `(shape, values)`.
 pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>), ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ImportError::NotFound(path.into()),
-        _ => ImportError::Io {
-            path: path.into(),
-            source,
-        },
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| io_error(path, source))?;
     let npy = npyz::NpyFile::new(&bytes[..])
         .map_err(|err| npy_error(path, format!("not a .npy file ({err})")))?;
     if npy.order() != npyz::Order::C {

@@ -12,7 +12,7 @@ use burn::tensor::Device;
 use resnet_model::{ResNet, ResNetConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ImportError, one_line};
+use crate::error::{ImportError, io_error, one_line};
 
 /// Burnpack metadata key holding the [`RecordMeta`] JSON.
 pub const METADATA_KEY: &str = "resnet-rs";
@@ -100,13 +100,7 @@ pub fn save_record(model: &ResNet, meta: &RecordMeta, path: &Path) -> Result<(),
 /// The whole file is read into memory first, so the returned model does not depend on the
 /// file staying in place (Burnpack's file store otherwise reads tensors lazily by path).
 pub fn load_record(path: &Path, device: &Device) -> Result<(ResNet, RecordMeta), ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ImportError::NotFound(path.into()),
-        _ => ImportError::Io {
-            path: path.into(),
-            source,
-        },
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| io_error(path, source))?;
     if bytes.is_empty() {
         return Err(ImportError::Empty(path.into()));
     }
