@@ -91,6 +91,10 @@ pub struct TrainArgs {
     /// Train only the classifier head (frozen backbone, batch norms in eval mode).
     #[arg(long)]
     pub freeze_backbone: bool,
+    /// With --freeze-backbone: train the whole network from this epoch on (the first this
+    /// many epochs train only the head).
+    #[arg(long, requires = "freeze_backbone")]
+    pub unfreeze_after: Option<usize>,
     /// Epochs.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
@@ -257,13 +261,16 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
     device.seed(args.seed);
     let train_device = device.clone().autodiff();
     let (net, config) = initial_model(args, classes.len(), cifar_stem, &train_device)?;
-    let net = if args.freeze_backbone {
-        let head = net.fc.clone();
-        let mut frozen = net.freeze();
-        frozen.fc = head;
-        frozen
-    } else {
-        net
+    if let Some(k) = args.unfreeze_after
+        && (k == 0 || k >= args.epochs)
+    {
+        bail!("--unfreeze-after must be between 1 and --epochs - 1");
+    }
+    // Epochs trained with the backbone frozen (the first phase), if any.
+    let frozen_epochs = match (args.freeze_backbone, args.unfreeze_after) {
+        (false, _) => 0,
+        (true, None) => args.epochs,
+        (true, Some(k)) => k,
     };
     let model = Classifier {
         net,
@@ -318,48 +325,49 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
 
     // Optimizer and schedule: linear warm-up from 1% of the peak, then cosine to 0, per step.
     let scale = args.batch_size as f64 / 128.0;
-    let (optim, lr) = match args.optimizer {
-        Optimizer::Sgd => (
-            SgdConfig::new()
-                .with_momentum(Some(
-                    MomentumConfig::new()
-                        .with_momentum(args.momentum)
-                        .with_dampening(0.0)
-                        .with_nesterov(args.nesterov),
-                ))
-                .with_weight_decay(Some(WeightDecayConfig::new(
-                    args.weight_decay.unwrap_or(5e-4),
-                )))
-                .init(),
-            args.lr.unwrap_or(0.1 * scale),
-        ),
-        Optimizer::Adamw => (
-            AdamWConfig::new()
-                .with_weight_decay(args.weight_decay.unwrap_or(0.05))
-                .init(),
-            args.lr.unwrap_or(1e-3 * scale),
-        ),
+    let make_optim = || match args.optimizer {
+        Optimizer::Sgd => SgdConfig::new()
+            .with_momentum(Some(
+                MomentumConfig::new()
+                    .with_momentum(args.momentum)
+                    .with_dampening(0.0)
+                    .with_nesterov(args.nesterov),
+            ))
+            .with_weight_decay(Some(WeightDecayConfig::new(
+                args.weight_decay.unwrap_or(5e-4),
+            )))
+            .init(),
+        Optimizer::Adamw => AdamWConfig::new()
+            .with_weight_decay(args.weight_decay.unwrap_or(0.05))
+            .init(),
     };
+    let lr = args.lr.unwrap_or(match args.optimizer {
+        Optimizer::Sgd => 0.1 * scale,
+        Optimizer::Adamw => 1e-3 * scale,
+    });
     if !(lr > 0.0 && lr <= 1.0) {
         bail!("the learning rate must be in (0, 1], got {lr}");
     }
     let steps_per_epoch = train_len.div_ceil(args.batch_size).max(1);
     let total = steps_per_epoch * args.epochs;
     let warmup = (steps_per_epoch * args.warmup_epochs).min(total.saturating_sub(1));
-    let cosine = CosineAnnealingLrSchedulerConfig::new(lr, total - warmup);
-    let scheduler = if warmup > 0 {
-        SequentialLrSchedulerConfig::new(
-            vec![
-                LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(lr * 0.01, lr, warmup)),
-                LrSchedulerConfig::Cosine(cosine),
-            ],
-            vec![warmup],
-        )
-        .init()
-    } else {
-        cosine.init()
-    }
-    .map_err(|err| anyhow::anyhow!("learning-rate schedule: {err}"))?;
+    let make_scheduler = || {
+        let cosine = CosineAnnealingLrSchedulerConfig::new(lr, total - warmup);
+        if warmup > 0 {
+            SequentialLrSchedulerConfig::new(
+                vec![
+                    LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(lr * 0.01, lr, warmup)),
+                    LrSchedulerConfig::Cosine(cosine),
+                ],
+                vec![warmup],
+            )
+            .init()
+        } else {
+            cosine.init()
+        }
+        .map_err(|err| anyhow::anyhow!("learning-rate schedule: {err}"))
+    };
+    make_scheduler()?;
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -367,31 +375,59 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
         Some(epoch) => read_metrics(&args.out, epoch),
         None => Vec::new(),
     }));
-    let mut training = SupervisedTraining::new(&args.out, train_loader, val_loader)
-        .metrics((AccuracyMetric::new(), LossMetric::new()))
-        .metric_train_numeric(LearningRateMetric::new())
-        .with_default_checkpointers()
-        .with_training_strategy(ExecutionStrategy::SingleDevice(train_device.clone()).into())
-        // Burn's own file logger first: it answers the checkpointing strategy's queries (also
-        // about epochs before a resume); ours writes metrics.csv and curves.png.
-        .with_metric_logger(FileMetricLogger::new(&args.out))
-        .with_metric_logger(CsvMetricLogger::new(args.out.clone(), rows.clone()))
-        .num_epochs(args.epochs)
-        .summary();
-    if !std::io::stdout().is_terminal() {
-        training = training.renderer(Box::new(PlainRenderer::new()));
-    }
-    if classes.len() > 5 {
-        training = training
-            .metric_train_numeric(TopKAccuracyMetric::new(5))
-            .metric_valid_numeric(TopKAccuracyMetric::new(5));
-    }
+    let make_training = |num_epochs: usize, checkpoint: Option<usize>| {
+        let mut training =
+            SupervisedTraining::new(&args.out, train_loader.clone(), val_loader.clone())
+                .metrics((AccuracyMetric::new(), LossMetric::new()))
+                .metric_train_numeric(LearningRateMetric::new())
+                .with_default_checkpointers()
+                .with_training_strategy(
+                    ExecutionStrategy::SingleDevice(train_device.clone()).into(),
+                )
+                // Burn's own file logger first: it answers the checkpointing strategy's queries
+                // (also about epochs before a resume); ours writes metrics.csv and curves.png.
+                .with_metric_logger(FileMetricLogger::new(&args.out))
+                .with_metric_logger(CsvMetricLogger::new(args.out.clone(), rows.clone()))
+                .num_epochs(num_epochs)
+                .summary();
+        if !std::io::stdout().is_terminal() {
+            training = training.renderer(Box::new(PlainRenderer::new()));
+        }
+        if classes.len() > 5 {
+            training = training
+                .metric_train_numeric(TopKAccuracyMetric::new(5))
+                .metric_valid_numeric(TopKAccuracyMetric::new(5));
+        }
+        if let Some(epoch) = checkpoint {
+            training = training.checkpoint(epoch);
+        }
+        training
+    };
     if let Some(epoch) = resume_from {
         eprintln!("resuming after epoch {epoch}");
-        training = training.checkpoint(epoch);
     }
-    let result = training.launch(Learner::new(model, optim, scheduler));
-    let final_model = result.model;
+    let mut model = model;
+    let mut checkpoint = resume_from;
+    // Phase 1: the head alone (when the backbone is frozen and we are not past that phase).
+    if frozen_epochs > 0 && checkpoint.unwrap_or(0) < frozen_epochs {
+        let learner = Learner::new(freeze_backbone(model), make_optim(), make_scheduler()?);
+        let result = make_training(frozen_epochs, checkpoint).launch(learner);
+        if frozen_epochs == args.epochs {
+            model = result.model;
+        } else {
+            eprintln!("unfreezing the backbone after epoch {frozen_epochs}");
+            model = result.model.train();
+            checkpoint = Some(frozen_epochs);
+        }
+    }
+    let final_model = if frozen_epochs == args.epochs {
+        model
+    } else {
+        // Phase 2 (or the only one): the whole network. A fresh module is loaded from the
+        // last checkpoint by the Learner, so its parameters are trainable again.
+        let learner = Learner::new(model.unfreeze(), make_optim(), make_scheduler()?);
+        make_training(args.epochs, checkpoint).launch(learner).model
+    };
 
     let meta = RecordMeta {
         config: config.clone(),
@@ -441,6 +477,15 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
         final_val_acc1: correct as f64 / total_val.max(1) as f64,
         unreadable: 0,
     })
+}
+
+/// Freeze everything but the classifier head: its parameters get no gradients and its batch
+/// norms use their running statistics.
+fn freeze_backbone(model: Classifier) -> Classifier {
+    let head = model.net.fc.clone();
+    let mut frozen = model.freeze();
+    frozen.net.fc = head;
+    frozen
 }
 
 /// Rows of an existing metrics.csv up to `epoch` (when resuming).

@@ -349,3 +349,83 @@ fn bad_input_is_a_one_line_error() {
         "does not match --arch resnet18",
     );
 }
+
+/// `--unfreeze-after 1`: epoch 1 trains only the head, epoch 2 the whole network.
+#[test]
+fn unfreeze_after_trains_the_backbone_in_the_second_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes_dataset(&dir.path().join("data"), 10, 4);
+    let init = dir.path().join("init");
+    run(
+        &args(
+            &dir.path().join("data"),
+            &init,
+            &[
+                "--width",
+                "4",
+                "--cifar-stem",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+            ],
+        ),
+        &Device::flex(),
+    )
+    .unwrap();
+    let start = init.join("final.bpk");
+    let out = dir.path().join("unfrozen");
+    let summary = run(
+        &args(
+            &dir.path().join("data"),
+            &out,
+            &[
+                "--init",
+                start.to_str().unwrap(),
+                "--freeze-backbone",
+                "--unfreeze-after",
+                "1",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--image-size",
+                "32",
+            ],
+        ),
+        &Device::flex(),
+    )
+    .unwrap();
+    let device = Device::flex();
+    let (before, _) = resnet_import::load_record(&start, &device).unwrap();
+    let (after, _) = resnet_import::load_record(&summary.final_record, &device).unwrap();
+    let conv = |m: &resnet_model::ResNet| -> Vec<f32> {
+        m.conv1.weight.val().into_data().try_to_vec().unwrap()
+    };
+    assert_ne!(conv(&before), conv(&after), "the backbone never trained");
+    let epochs: Vec<usize> = summary
+        .metrics
+        .iter()
+        .filter(|row| row.split == "train")
+        .map(|row| row.epoch)
+        .collect();
+    assert_eq!(epochs, [1, 2]);
+
+    let err = run(
+        &args(
+            &dir.path().join("data"),
+            &dir.path().join("bad"),
+            &[
+                "--freeze-backbone",
+                "--unfreeze-after",
+                "3",
+                "--epochs",
+                "2",
+            ],
+        ),
+        &device,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("--unfreeze-after"), "{err}");
+}
