@@ -160,16 +160,14 @@ fn learns_a_small_real_image_task() {
     assert_eq!(meta.classes.unwrap(), CLASSES);
 }
 
-/// With `--freeze-backbone`, only the head's parameters change.
-#[test]
-fn frozen_backbone_changes_only_the_head() {
-    let dir = tempfile::tempdir().unwrap();
-    shapes_dataset(&dir.path().join("data"), 10, 4);
-    // An initial record to fine-tune from.
-    let init = dir.path().join("init");
+/// A small shapes dataset in `dir/data` and a one-epoch record of a narrow network to
+/// fine-tune from; returns the record's path.
+fn starting_record(dir: &Path) -> std::path::PathBuf {
+    shapes_dataset(&dir.join("data"), 10, 4);
+    let init = dir.join("init");
     run(
         &args(
-            &dir.path().join("data"),
+            &dir.join("data"),
             &init,
             &[
                 "--width",
@@ -184,7 +182,14 @@ fn frozen_backbone_changes_only_the_head() {
         &Device::flex(),
     )
     .unwrap();
-    let start = init.join("final.bpk");
+    init.join("final.bpk")
+}
+
+/// With `--freeze-backbone`, only the head's parameters change.
+#[test]
+fn frozen_backbone_changes_only_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = starting_record(dir.path());
     let out = dir.path().join("frozen");
     let summary = run(
         &args(
@@ -354,26 +359,7 @@ fn bad_input_is_a_one_line_error() {
 #[test]
 fn unfreeze_after_trains_the_backbone_in_the_second_phase() {
     let dir = tempfile::tempdir().unwrap();
-    shapes_dataset(&dir.path().join("data"), 10, 4);
-    let init = dir.path().join("init");
-    run(
-        &args(
-            &dir.path().join("data"),
-            &init,
-            &[
-                "--width",
-                "4",
-                "--cifar-stem",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "16",
-            ],
-        ),
-        &Device::flex(),
-    )
-    .unwrap();
-    let start = init.join("final.bpk");
+    let start = starting_record(dir.path());
     let out = dir.path().join("unfrozen");
     let summary = run(
         &args(
