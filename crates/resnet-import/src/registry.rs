@@ -1377,19 +1377,7 @@ pub const IMAGENET_CLASSES: [&str; 1000] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const ARCHS: [&str; 10] = [
-        "resnet18",
-        "resnet34",
-        "resnet50",
-        "resnet101",
-        "resnet152",
-        "resnext50_32x4d",
-        "resnext101_32x8d",
-        "resnext101_64x4d",
-        "wide_resnet50_2",
-        "wide_resnet101_2",
-    ];
+    use resnet_model::ARCHITECTURES as ARCHS;
 
     #[test]
     fn every_arch_has_v1() {
