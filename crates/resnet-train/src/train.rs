@@ -143,8 +143,6 @@ pub struct RunSummary {
     pub best_record: PathBuf,
     /// Validation top-1 accuracy of the final model, in [0, 1].
     pub final_val_acc1: f64,
-    /// Images that could not be read and were substituted.
-    pub unreadable: usize,
 }
 
 fn latest_checkpoint(dir: &Path) -> Option<usize> {
@@ -475,7 +473,6 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
         final_record,
         best_record,
         final_val_acc1: correct as f64 / total_val.max(1) as f64,
-        unreadable: 0,
     })
 }
 
