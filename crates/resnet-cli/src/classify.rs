@@ -13,11 +13,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use resnet_import::preprocess::{Exif, is_image_path, load_rgb, preprocess};
 use resnet_import::registry::{IMAGENET_CLASSES, WeightsVersion};
-use resnet_import::{Preprocessing, RecordMeta, download, find_weights, import_pretrained, npy};
+use resnet_import::{
+    ImportOptions, Preprocessing, RecordMeta, download, find_weights, import_pretrained,
+    load_model, npy,
+};
 use resnet_model::ResNet;
 use serde::Serialize;
-
-use crate::import::load_model;
 
 /// Where the model comes from, shared by `classify` and `preprocess`.
 #[derive(Args, Debug)]
@@ -96,7 +97,7 @@ impl WeightsArgs {
     }
 
     fn load_path(&self, path: &Path, device: &Device) -> Result<(ResNet, RecordMeta)> {
-        let (model, meta) = load_model(path, device)?;
+        let (model, meta) = load_model(path, &ImportOptions::default(), device)?;
         if let Some(arch) = &self.arch {
             let found = meta.config.preset_name().unwrap_or("a custom architecture");
             if found != arch {

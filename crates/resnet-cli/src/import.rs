@@ -1,13 +1,12 @@
 //! `resnet import` and `resnet forward`: checkpoints to records, and tensors through models.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
-use resnet_import::{ImportOptions, RecordMeta, import_checkpoint, load_record, npy, save_record};
-use resnet_model::ResNet;
+use resnet_import::{ImportOptions, import_checkpoint, load_model, npy, save_record};
 
 /// Arguments of `resnet import`.
 #[derive(Args, Debug)]
@@ -64,19 +63,6 @@ pub fn import(args: &ImportArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Load a model from a `.bpk` record, or import a `.pth`/`.safetensors` checkpoint on the fly.
-pub fn load_model(path: &Path, device: &Device) -> Result<(ResNet, RecordMeta)> {
-    let is_record = path
-        .extension()
-        .is_some_and(|ext| ext.eq_ignore_ascii_case("bpk"));
-    if is_record {
-        Ok(load_record(path, device)?)
-    } else {
-        let imported = import_checkpoint(path, &ImportOptions::default(), device)?;
-        Ok((imported.model, imported.meta))
-    }
-}
-
 /// Arguments of `resnet forward`.
 #[derive(Args, Debug)]
 pub struct ForwardArgs {
@@ -96,7 +82,7 @@ pub struct ForwardArgs {
 
 /// Run a model in eval mode on a `.npy` batch and write the result as `.npy`.
 pub fn forward(args: &ForwardArgs, device: &Device) -> Result<()> {
-    let (model, meta) = load_model(&args.weights, device)?;
+    let (model, meta) = load_model(&args.weights, &ImportOptions::default(), device)?;
     let (shape, values) = npy::read_f32(&args.input)?;
     let &[n, c, h, w] = shape.as_slice() else {
         bail!(

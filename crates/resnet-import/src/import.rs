@@ -98,6 +98,24 @@ pub fn import_checkpoint(
     })
 }
 
+/// Load a model from a `.bpk` record, or import a `.pth`/`.safetensors` checkpoint on the fly
+/// (architecture inferred; `options` as for [`import_checkpoint`]).
+pub fn load_model(
+    path: &Path,
+    options: &ImportOptions,
+    device: &Device,
+) -> Result<(ResNet, RecordMeta), ImportError> {
+    let is_record = path
+        .extension()
+        .is_some_and(|ext| ext.eq_ignore_ascii_case("bpk"));
+    if is_record {
+        crate::record::load_record(path, device)
+    } else {
+        let imported = import_checkpoint(path, options, device)?;
+        Ok((imported.model, imported.meta))
+    }
+}
+
 /// Look up torchvision's weights for `arch` (`version` `None`: the newest, torchvision's
 /// `DEFAULT`).
 pub fn find_weights(

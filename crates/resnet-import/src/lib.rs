@@ -23,6 +23,8 @@ pub mod registry;
 
 pub use checkpoint::{Checkpoint, Format, LoadReport};
 pub use error::ImportError;
-pub use import::{ImportOptions, Imported, find_weights, import_checkpoint, import_pretrained};
+pub use import::{
+    ImportOptions, Imported, find_weights, import_checkpoint, import_pretrained, load_model,
+};
 pub use infer::Inferred;
 pub use record::{Preprocessing, RecordMeta, load_record, save_record};

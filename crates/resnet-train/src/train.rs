@@ -194,22 +194,11 @@ fn initial_model(
         return Ok((model.with_num_classes(num_classes, device), config));
     }
     if let Some(path) = &args.init {
-        let (model, meta) = if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("bpk"))
-        {
-            load_record(path, device)?
-        } else {
-            let imported = resnet_import::import_checkpoint(
-                path,
-                &resnet_import::ImportOptions {
-                    allow_partial: true,
-                    ..Default::default()
-                },
-                device,
-            )?;
-            (imported.model, imported.meta)
+        let options = resnet_import::ImportOptions {
+            allow_partial: true,
+            ..Default::default()
         };
+        let (model, meta) = resnet_import::load_model(path, &options, device)?;
         let config = meta.config.clone().with_num_classes(num_classes);
         let model = if model.num_classes() == num_classes {
             model
