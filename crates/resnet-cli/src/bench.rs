@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use resnet_model::ResNetConfig;
 use serde::Serialize;
 
-use crate::backend::Backend;
+use resnet_train::backend::{Backend, cpu_threads, describe};
 
 /// Arguments of `resnet bench`.
 #[derive(Args, Debug)]
@@ -55,15 +55,6 @@ struct Report {
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     let index = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[index]
-}
-
-/// Threads the CPU backends use: `RAYON_NUM_THREADS` if set, else the available cores.
-fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Time `iters` eval-mode forward passes, each including reading the logits back to the host
@@ -115,8 +106,8 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
     let report = Report {
         arch: args.arch.clone(),
         backend: backend.cli_name(),
-        device: format!("{device:?}"),
-        threads: threads(),
+        device: describe(backend, device),
+        threads: cpu_threads(),
         batch_size: args.batch_size,
         image_size: args.image_size,
         iters: args.iters,
@@ -131,14 +122,12 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} batch {} at {}x{} on {} ({}, {} threads), {} iterations after {} warm-up",
+            "{} batch {} at {}x{} on {}, {} iterations after {} warm-up",
             report.arch,
             report.batch_size,
             report.image_size,
             report.image_size,
-            report.backend,
             report.device,
-            report.threads,
             report.iters,
             args.warmup
         );

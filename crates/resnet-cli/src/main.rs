@@ -1,6 +1,5 @@
 //! `resnet`: inspect, import and run torchvision ResNets on any compiled-in Burn backend.
 
-mod backend;
 mod bench;
 mod classify;
 mod import;
@@ -10,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::backend::Backend;
+use resnet_train::backend::{Backend, describe};
 
 /// Run torchvision's ResNets (18 to 152 layers, ResNeXt, Wide ResNet) with Burn.
 #[derive(Parser, Debug)]
@@ -58,6 +57,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         None => Backend::default_compiled()?,
     };
     let device = backend.device()?;
+    if matches!(
+        cli.command,
+        Command::Classify(_) | Command::Bench(_) | Command::Forward(_)
+    ) {
+        eprintln!("running on {}", describe(backend, &device));
+    }
     match cli.command {
         Command::Classify(args) => classify::classify(&args, &device),
         Command::Bench(args) => bench::run(&args, backend, &device),

@@ -3,6 +3,7 @@
 //! warm-up and cosine decay, checkpoints every epoch with `--resume`, and the run's records,
 //! `metrics.csv`, `curves.png` and confusion matrix.
 
+pub mod backend;
 pub mod data;
 mod logger;
 pub mod model;

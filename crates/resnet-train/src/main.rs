@@ -2,13 +2,25 @@
 
 use std::process::ExitCode;
 
-use burn::tensor::Device;
+use anyhow::Result;
 use clap::Parser;
-use resnet_train::train::{TrainArgs, run};
+use resnet_train::backend::{Backend, describe};
+use resnet_train::train::{RunSummary, TrainArgs, run};
+
+fn train(args: &TrainArgs) -> Result<RunSummary> {
+    let backend = match args.backend {
+        Some(backend) => backend,
+        None => Backend::default_compiled()?,
+    };
+    let devices = backend.devices(&args.devices)?;
+    let names: Vec<String> = devices.iter().map(|d| describe(backend, d)).collect();
+    eprintln!("training on {}", names.join(", "));
+    run(args, &devices)
+}
 
 fn main() -> ExitCode {
     let args = TrainArgs::parse();
-    match run(&args, &Device::flex()) {
+    match train(&args) {
         Ok(summary) => {
             println!(
                 "final validation top-1 {:.2}%; records {} and {}",

@@ -15,6 +15,10 @@ pub struct Classifier {
     pub net: ResNet,
     /// Label smoothing of the loss, in [0, 1); 0 disables it.
     pub label_smoothing: f32,
+    /// Factor on the loss before back-propagation (the reported loss is unscaled): `1 / N`
+    /// when N devices each take a share of the batch and Burn's multi-device strategy sums
+    /// their gradients, so that the update equals the single-device one on the whole batch.
+    pub gradient_scale: f32,
 }
 
 impl Classifier {
@@ -48,7 +52,12 @@ impl TrainStep for Classifier {
 
     fn step(&self, batch: ClassificationBatch) -> TrainOutput<ClassificationOutput> {
         let item = self.forward_classification(batch.images, batch.targets);
-        TrainOutput::new(self, item.loss.backward(), item)
+        let gradients = if self.gradient_scale == 1.0 {
+            item.loss.backward()
+        } else {
+            (item.loss.clone() * self.gradient_scale).backward()
+        };
+        TrainOutput::new(self, gradients, item)
     }
 }
 

@@ -18,14 +18,18 @@ use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::Device;
 use burn::train::logger::FileMetricLogger;
 use burn::train::metric::{AccuracyMetric, LearningRateMetric, LossMetric, TopKAccuracyMetric};
-use burn::train::{ExecutionStrategy, Learner, SupervisedTraining};
+use burn::train::{ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining};
 use clap::{Parser, ValueEnum};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use resnet_import::registry::WeightsVersion;
 use resnet_import::{
     Preprocessing, RecordMeta, download, find_weights, import_pretrained, load_record, save_record,
 };
 use resnet_model::{ResNet, ResNetConfig};
 
+use crate::backend::Backend;
 use crate::data::{ImageBatcher, ImageDataset, Split, Transform, cifar10, image_folder};
 use crate::logger::{CsvMetricLogger, Rows};
 use crate::model::Classifier;
@@ -131,6 +135,19 @@ pub struct TrainArgs {
     /// Continue from the last checkpoint in `--out`.
     #[arg(long)]
     pub resume: bool,
+    /// Backend to train on (only those compiled in via cargo features; default: flex, or the
+    /// first one compiled in). Read by the binary, which passes the devices to [`run`].
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Devices of the backend to train on, e.g. `0,1`: data-parallel over several GPUs, each
+    /// step's batch split between them. Default: the backend's default device.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<usize>,
+    /// With several devices: Burn's DistributedDataParallel strategy (a replica and an
+    /// optimizer per device, gradients all-reduced; in Burn 0.22 only with `--backend cuda`)
+    /// instead of the multi-device strategy (gradients summed and applied on the first device).
+    #[arg(long)]
+    pub ddp: bool,
 }
 
 /// Everything a finished run produced.
@@ -214,8 +231,27 @@ fn initial_model(
     Ok((config.init(device), config))
 }
 
-/// Run a training as the arguments say, on `device` (an autodiff device is derived from it).
-pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
+/// Run a training as the arguments say, on `devices` (autodiff devices are derived from them;
+/// the first one also evaluates). Several devices train data-parallel.
+pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
+    let Some(device) = devices.first() else {
+        bail!("no device to train on");
+    };
+    if args.ddp && devices.len() < 2 {
+        bail!("--ddp needs at least two --devices");
+    }
+    if args.ddp && args.backend != Some(Backend::Cuda) {
+        // burn-train's DistributedDataParallel all-reduces through the backend's collective
+        // operations; in Burn 0.22 only CUDA (NCCL) has them, the others panic.
+        bail!("--ddp needs --backend cuda: Burn 0.22 all-reduces gradients only on CUDA");
+    }
+    let replicas = devices.len();
+    if !args.batch_size.is_multiple_of(replicas) {
+        bail!(
+            "--batch-size {} must be divisible by the number of devices ({replicas})",
+            args.batch_size
+        );
+    }
     if args.epochs == 0 || args.batch_size == 0 {
         bail!("--epochs and --batch-size must be at least 1");
     }
@@ -245,8 +281,11 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
         bail!("--image-size must be at least 1");
     }
 
-    device.seed(args.seed);
+    for device in devices {
+        device.seed(args.seed);
+    }
     let train_device = device.clone().autodiff();
+    let train_devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
     let (net, config) = initial_model(args, classes.len(), cifar_stem, &train_device)?;
     if let Some(k) = args.unfreeze_after
         && (k == 0 || k >= args.epochs)
@@ -262,6 +301,12 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
     let model = Classifier {
         net,
         label_smoothing: args.label_smoothing,
+        // The multi-device strategy sums the replicas' gradients; DDP averages them itself.
+        gradient_scale: if replicas > 1 && !args.ddp {
+            1.0 / replicas as f32
+        } else {
+            1.0
+        },
     };
 
     // Evaluation: resize to size * 8/7 (256 for 224, as torchvision) and center crop; at CIFAR
@@ -285,6 +330,12 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
         Transform::RandomResizedCrop { size }
     };
     let (mean, std) = (eval.mean, eval.std);
+    // Several devices each train on a contiguous slice of the dataset (Burn splits it in
+    // order), so the samples, grouped by class on disk, are mixed once first.
+    let mut train = train;
+    train
+        .samples
+        .shuffle(&mut StdRng::seed_from_u64(args.seed ^ 0x5eed_5a3e));
     let train_data = ImageDataset::new(train.clone(), train_transform, mean, std, args.seed);
     let val_data = ImageDataset::new(
         val.clone(),
@@ -300,8 +351,9 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
     let batcher = ImageBatcher {
         image_size: size as usize,
     };
+    // `--batch-size` is the batch of one step over all devices; each device takes its share.
     let train_loader = DataLoaderBuilder::new(batcher.clone())
-        .batch_size(args.batch_size)
+        .batch_size(args.batch_size / replicas)
         .shuffle(args.seed)
         .num_workers(workers)
         .build(train_data);
@@ -368,9 +420,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
                 .metrics((AccuracyMetric::new(), LossMetric::new()))
                 .metric_train_numeric(LearningRateMetric::new())
                 .with_default_checkpointers()
-                .with_training_strategy(
-                    ExecutionStrategy::SingleDevice(train_device.clone()).into(),
-                )
+                .with_training_strategy(strategy(&train_devices, args.ddp).into())
                 // Burn's own file logger first: it answers the checkpointing strategy's queries
                 // (also about epochs before a resume); ours writes metrics.csv and curves.png.
                 .with_metric_logger(FileMetricLogger::new(&args.out))
@@ -438,6 +488,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
             let mut best = Classifier {
                 net: config.init(device),
                 label_smoothing: args.label_smoothing,
+                gradient_scale: 1.0,
             };
             best.load_from(&mut BurnpackStore::from_file(&path))
                 .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
@@ -463,6 +514,20 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<RunSummary> {
         best_record,
         final_val_acc1: correct as f64 / total_val.max(1) as f64,
     })
+}
+
+/// How the Learner spreads the work over `devices` (autodiff devices, at least one).
+fn strategy(devices: &[Device], ddp: bool) -> ExecutionStrategy {
+    match devices {
+        [device] => ExecutionStrategy::SingleDevice(device.clone()),
+        _ if ddp => ExecutionStrategy::ddp(
+            devices.to_vec(),
+            burn::tensor::distributed::DistributedConfig {
+                all_reduce_op: burn::tensor::distributed::ReduceOperation::Mean,
+            },
+        ),
+        _ => ExecutionStrategy::MultiDevice(devices.to_vec(), MultiDeviceOptim::OptimMainDevice),
+    }
 }
 
 /// Freeze everything but the classifier head: its parameters get no gradients and its batch

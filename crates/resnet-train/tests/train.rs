@@ -8,77 +8,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use clap::Parser;
-use image::{Rgb, RgbImage};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
-use resnet_train::train::{TrainArgs, run};
+use resnet_train::train::run;
 
-/// Draws one 32x32 image of `class`: 0 a horizontal bar, 1 a vertical bar, 2 a filled disc;
-/// random position, size and colours, on a noisy background.
-fn shape(class: usize, rng: &mut StdRng) -> RgbImage {
-    let mut img = RgbImage::new(32, 32);
-    let background = [
-        rng.random_range(0..100u8),
-        rng.random_range(0..100),
-        rng.random_range(0..100),
-    ];
-    let colour = [
-        rng.random_range(150..=255u8),
-        rng.random_range(150..=255),
-        rng.random_range(150..=255),
-    ];
-    for pixel in img.pixels_mut() {
-        let noise = rng.random_range(0..30u8);
-        *pixel = Rgb(background.map(|c| c.saturating_add(noise)));
-    }
-    let (cx, cy) = (rng.random_range(8..24i32), rng.random_range(8..24i32));
-    let half = rng.random_range(5..8i32);
-    for y in 0..32i32 {
-        for x in 0..32i32 {
-            let (dx, dy) = (x - cx, y - cy);
-            let inside = match class {
-                0 => dx.abs() <= half && dy.abs() <= 1,
-                1 => dx.abs() <= 1 && dy.abs() <= half,
-                _ => dx * dx + dy * dy <= half * half,
-            };
-            if inside {
-                img.put_pixel(x as u32, y as u32, Rgb(colour));
-            }
-        }
-    }
-    img
-}
-
-const CLASSES: [&str; 3] = ["disc", "horizontal", "vertical"];
-
-/// `dir/train/<class>/*.png` and `dir/val/<class>/*.png`.
-fn shapes_dataset(dir: &Path, train_per_class: usize, val_per_class: usize) {
-    let mut rng = StdRng::seed_from_u64(7);
-    for (split, count) in [("train", train_per_class), ("val", val_per_class)] {
-        for (class, name) in [(2, CLASSES[0]), (0, CLASSES[1]), (1, CLASSES[2])] {
-            let folder = dir.join(split).join(name);
-            std::fs::create_dir_all(&folder).unwrap();
-            for i in 0..count {
-                shape(class, &mut rng)
-                    .save(folder.join(format!("{i}.png")))
-                    .unwrap();
-            }
-        }
-    }
-}
-
-fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
-    let mut argv: Vec<String> = vec![
-        "resnet-train".into(),
-        "--data".into(),
-        data.display().to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    TrainArgs::try_parse_from(argv).unwrap()
-}
+mod common;
+use common::{CLASSES, args, sample_image, shapes_dataset};
 
 /// A narrow CIFAR-stem ResNet-18 on 3 classes of drawn shapes reaches at least 90%
 /// validation accuracy (chance: 33%).
@@ -108,7 +41,7 @@ fn learns_a_small_real_image_task() {
                 "1",
             ],
         ),
-        &Device::flex(),
+        &[Device::flex()],
     )
     .unwrap();
     println!(
@@ -179,7 +112,7 @@ fn starting_record(dir: &Path) -> std::path::PathBuf {
                 "16",
             ],
         ),
-        &Device::flex(),
+        &[Device::flex()],
     )
     .unwrap();
     init.join("final.bpk")
@@ -207,7 +140,7 @@ fn frozen_backbone_changes_only_the_head() {
                 "32",
             ],
         ),
-        &Device::flex(),
+        &[Device::flex()],
     )
     .unwrap();
     let device = Device::flex();
@@ -228,6 +161,62 @@ fn frozen_backbone_changes_only_the_head() {
         "backbone batch-norm statistics changed"
     );
     assert_ne!(fc_before, fc_after, "the head did not train");
+}
+
+/// Data-parallel training (Burn's multi-device strategy) over two replicas of the CPU device
+/// makes the same update as one device on the combined batch: each replica takes half of
+/// `--batch-size` and the summed gradients are scaled by 1/2. The backbone is frozen so that
+/// batch-norm batch statistics (per replica, as in PyTorch's DDP) play no part; one step.
+#[test]
+fn two_devices_update_like_one_device_on_the_combined_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = starting_record(dir.path());
+    let head = |devices: &[Device], name: &str| -> Vec<f32> {
+        let out = dir.path().join(name);
+        let summary = run(
+            &args(
+                &dir.path().join("data"),
+                &out,
+                &[
+                    "--init",
+                    start.to_str().unwrap(),
+                    "--freeze-backbone",
+                    "--epochs",
+                    "1",
+                    "--warmup-epochs",
+                    "0",
+                    "--batch-size",
+                    "64",
+                    "--lr",
+                    "0.5",
+                    "--image-size",
+                    "32",
+                ],
+            ),
+            devices,
+        )
+        .unwrap();
+        let (net, _) = resnet_import::load_record(&summary.final_record, &Device::flex()).unwrap();
+        net.fc.weight.val().into_data().try_to_vec().unwrap()
+    };
+    let (before, _) = resnet_import::load_record(&start, &Device::flex()).unwrap();
+    let before: Vec<f32> = before.fc.weight.val().into_data().try_to_vec().unwrap();
+    let one = head(&[Device::flex()], "one");
+    let two = head(&[Device::flex(), Device::flex()], "two");
+    let update = one
+        .iter()
+        .zip(&before)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = one
+        .iter()
+        .zip(&two)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!("head update {update:e}; one vs two devices {diff:e}");
+    assert!(update > 1e-3, "the head barely trained: {update}");
+    assert!(
+        diff <= 1e-4 * update,
+        "one vs two devices differ by {diff} (update {update})"
+    );
 }
 
 fn train_binary() -> Command {
@@ -331,17 +320,13 @@ fn bad_input_is_a_one_line_error() {
 
     let one_class = dir.path().join("one");
     std::fs::create_dir_all(one_class.join("cats")).unwrap();
-    shape(0, &mut StdRng::seed_from_u64(1))
-        .save(one_class.join("cats/a.png"))
-        .unwrap();
+    sample_image().save(one_class.join("cats/a.png")).unwrap();
     fails(&one_class, &out, &["--val-split", "0.5"], "one class");
 
     let hollow = dir.path().join("hollow");
     std::fs::create_dir_all(hollow.join("cats")).unwrap();
     std::fs::create_dir_all(hollow.join("dogs")).unwrap();
-    shape(0, &mut StdRng::seed_from_u64(1))
-        .save(hollow.join("cats/a.png"))
-        .unwrap();
+    sample_image().save(hollow.join("cats/a.png")).unwrap();
     fails(&hollow, &out, &["--val-split", "0.5"], "dogs");
 
     let data = dir.path().join("data");
@@ -379,7 +364,7 @@ fn unfreeze_after_trains_the_backbone_in_the_second_phase() {
                 "32",
             ],
         ),
-        &Device::flex(),
+        &[Device::flex()],
     )
     .unwrap();
     let device = Device::flex();
@@ -409,7 +394,7 @@ fn unfreeze_after_trains_the_backbone_in_the_second_phase() {
                 "2",
             ],
         ),
-        &device,
+        std::slice::from_ref(&device),
     )
     .err()
     .unwrap();

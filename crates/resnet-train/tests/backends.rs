@@ -1,0 +1,85 @@
+//! Training runs on every backend under test with autodiff: a short run lowers the training
+//! loss.
+//!
+//! The backends under test are those in `RESNET_TEST_BACKENDS` (comma-separated; each must be
+//! compiled in, else the test fails), or by default every compiled-in backend that runs without
+//! a GPU or libtorch (flex, ndarray, wgpu). CI builds this test with `--features wgpu,ndarray`
+//! and runs wgpu on Mesa's lavapipe.
+
+#![allow(clippy::unwrap_used)] // Test: a failed unwrap is a failed test.
+
+use resnet_train::backend::{Backend, describe};
+use resnet_train::train::run;
+
+mod common;
+use common::{args, shapes_dataset};
+
+fn backends_under_test() -> Vec<Backend> {
+    match std::env::var("RESNET_TEST_BACKENDS") {
+        Ok(list) => {
+            let wanted = Backend::parse_list(&list).unwrap();
+            for backend in &wanted {
+                assert!(
+                    backend.is_compiled(),
+                    "RESNET_TEST_BACKENDS names `{}`, which this build lacks: build the tests \
+                     with `--features {}`",
+                    backend.cli_name(),
+                    backend.feature()
+                );
+            }
+            wanted
+        }
+        Err(_) => Backend::compiled()
+            .into_iter()
+            .filter(|b| matches!(b, Backend::Flex | Backend::Ndarray | Backend::Wgpu))
+            .collect(),
+    }
+}
+
+#[test]
+fn training_lowers_the_loss_on_every_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    shapes_dataset(&data, 24, 6);
+    for backend in backends_under_test() {
+        let device = backend.device().unwrap();
+        let out = dir.path().join(backend.cli_name());
+        let summary = run(
+            &args(
+                &data,
+                &out,
+                &[
+                    "--width",
+                    "4",
+                    "--cifar-stem",
+                    "--epochs",
+                    "3",
+                    "--batch-size",
+                    "24",
+                    "--lr",
+                    "0.05",
+                    "--warmup-epochs",
+                    "0",
+                    "--workers",
+                    "1",
+                ],
+            ),
+            std::slice::from_ref(&device),
+        )
+        .unwrap();
+        let losses: Vec<f64> = summary
+            .metrics
+            .iter()
+            .filter(|row| row.split == "train")
+            .map(|row| row.loss)
+            .collect();
+        println!(
+            "{} on {}: training loss per epoch {losses:?}",
+            backend.cli_name(),
+            describe(backend, &device)
+        );
+        assert_eq!(losses.len(), 3);
+        assert!(losses.iter().all(|loss| loss.is_finite()), "{losses:?}");
+        assert!(losses[2] < losses[0], "{}: {losses:?}", backend.cli_name());
+    }
+}
