@@ -13,6 +13,17 @@ use burn::tensor::{Device, Distribution, Int, Tensor};
 use resnet_model::ResNetConfig;
 use resnet_train::model::Classifier;
 
+/// Which side(s) `cargo xtask bench-train` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Side {
+    /// Ours and PyTorch, alternating.
+    Both,
+    /// Only resnet-rs on flex, in this process (so a caller can measure its peak memory alone).
+    Ours,
+    /// Only PyTorch (bench/train_step.py).
+    Pytorch,
+}
+
 /// Arguments of `cargo xtask bench-train`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -31,6 +42,12 @@ pub struct Args {
     /// Python with torch and torchvision (default: $RESNET_PYTHON, .venv/bin/python, python3).
     #[arg(long)]
     python: Option<String>,
+    /// Run only one side (`bench/side_by_side.py` times each side in its own process).
+    #[arg(long, value_enum, default_value_t = Side::Both)]
+    only: Side,
+    /// Print one JSON object (`median_ms` per side, `ratio` when both ran) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -99,36 +116,62 @@ pub fn run(args: &Args) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.rounds == 0 {
         bail!("--steps, --batch-size and --rounds must be at least 1");
     }
-    let python = crate::bench_import::python(args.python.as_deref())?;
+    let python = match args.only {
+        Side::Ours => None,
+        Side::Both | Side::Pytorch => Some(crate::bench_import::python(args.python.as_deref())?),
+    };
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
-        let ours = ours(args)?;
-        let torch = pytorch(args, &python)?;
-        eprintln!(
-            "round {round}/{}: resnet-rs (flex) {:.0} ms/step, PyTorch {:.0} ms/step",
-            args.rounds,
-            ours * 1e3,
-            torch * 1e3
-        );
-        a.push(ours);
-        b.push(torch);
+        let mut line = format!("round {round}/{}:", args.rounds);
+        if args.only != Side::Pytorch {
+            let ours = ours(args)?;
+            line += &format!(" resnet-rs (flex) {:.0} ms/step", ours * 1e3);
+            a.push(ours);
+        }
+        if let Some(python) = &python {
+            let torch = pytorch(args, python)?;
+            line += &format!(" PyTorch {:.0} ms/step", torch * 1e3);
+            b.push(torch);
+        }
+        if !args.json {
+            eprintln!("{line}");
+        }
     }
-    let (ours, torch) = (median(a), median(b));
+    let ours = (!a.is_empty()).then(|| median(a));
+    let torch = (!b.is_empty()).then(|| median(b));
+    if args.json {
+        let ms = |s: Option<f64>| s.map(|s| s * 1e3);
+        let ratio = ours.zip(torch).map(|(o, t)| o / t);
+        let json = serde_json::json!({
+            "batch_size": args.batch_size,
+            "ours_median_ms": ms(ours),
+            "pytorch_median_ms": ms(torch),
+            "ratio": ratio,
+        });
+        println!("{json}");
+        return Ok(());
+    }
     let images = args.batch_size as f64;
     println!(
         "CIFAR-stem ResNet-18 training step, 32x32, batch {}, SGD, 2 threads:",
         args.batch_size
     );
-    println!(
-        "  resnet-rs (flex): {:.0} ms/step, {:.1} images/s",
-        ours * 1e3,
-        images / ours
-    );
-    println!(
-        "  PyTorch:          {:.0} ms/step, {:.1} images/s",
-        torch * 1e3,
-        images / torch
-    );
-    println!("  ratio (ours / PyTorch time): {:.2}", ours / torch);
+    if let Some(ours) = ours {
+        println!(
+            "  resnet-rs (flex): {:.0} ms/step, {:.1} images/s",
+            ours * 1e3,
+            images / ours
+        );
+    }
+    if let Some(torch) = torch {
+        println!(
+            "  PyTorch:          {:.0} ms/step, {:.1} images/s",
+            torch * 1e3,
+            images / torch
+        );
+    }
+    if let (Some(ours), Some(torch)) = (ours, torch) {
+        println!("  ratio (ours / PyTorch time): {:.2}", ours / torch);
+    }
     Ok(())
 }

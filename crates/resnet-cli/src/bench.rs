@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Untimed iterations first (kernel compilation, autotuning, allocator warm-up).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Keep the batch norms as separate layers instead of folding them into the convolutions
+    /// (`ResNet::fold_batchnorm`, what `resnet classify` runs), to measure what folding saves.
+    #[arg(long)]
+    no_fold: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -43,6 +47,7 @@ struct Report {
     threads: usize,
     batch_size: usize,
     image_size: usize,
+    batchnorm_folded: bool,
     iters: usize,
     median_ms: f64,
     min_ms: f64,
@@ -66,6 +71,11 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
     let config = ResNetConfig::from_name(&args.arch)?;
     let model = config.init(device).valid();
     model.summary(args.image_size, args.image_size)?;
+    let model = if args.no_fold {
+        model
+    } else {
+        model.fold_batchnorm()
+    };
     let input = Tensor::<4>::random(
         [args.batch_size, 3, args.image_size, args.image_size],
         Distribution::Normal(0.0, 1.0),
@@ -110,6 +120,7 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
         threads: cpu_threads(),
         batch_size: args.batch_size,
         image_size: args.image_size,
+        batchnorm_folded: model.batchnorm_folded,
         iters: args.iters,
         median_ms: median,
         min_ms: times[0],
@@ -122,11 +133,16 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} batch {} at {}x{} on {}, {} iterations after {} warm-up",
+            "{} batch {} at {}x{}{} on {}, {} iterations after {} warm-up",
             report.arch,
             report.batch_size,
             report.image_size,
             report.image_size,
+            if report.batchnorm_folded {
+                ", batch norms folded"
+            } else {
+                ""
+            },
             report.device,
             report.iters,
             args.warmup

@@ -229,7 +229,9 @@ pub fn classify(args: &ClassifyArgs, device: &Device) -> Result<()> {
             meta.config.in_channels
         );
     }
-    let model = model.valid();
+    // Inference only: fold each batch norm into its convolution (same logits up to rounding,
+    // no batch-norm work per image).
+    let model = model.valid().fold_batchnorm();
     let prep = args.weights.preprocessing(Some(&meta))?;
     let crop = prep.crop_size as usize;
     let names = class_names(&meta, meta.config.num_classes);

@@ -323,12 +323,35 @@ fn bench_reports_latency_and_throughput() {
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(report["backend"], "flex");
     assert_eq!(report["batch_size"], 2);
+    assert_eq!(report["batchnorm_folded"], true);
     let median = report["median_ms"].as_f64().unwrap();
     assert!(median > 0.0);
     assert!(report["min_ms"].as_f64().unwrap() <= median);
     assert!(report["max_ms"].as_f64().unwrap() >= median);
     let throughput = report["images_per_second"].as_f64().unwrap();
     assert!((throughput - 2.0 / (median / 1e3)).abs() < 1e-6 * throughput);
+}
+
+#[test]
+fn bench_no_fold_keeps_the_batch_norms() {
+    let (code, stdout, stderr) = run(&[
+        os("bench"),
+        os("--arch"),
+        os("resnet18"),
+        os("--batch-size"),
+        os("1"),
+        os("--image-size"),
+        os("32"),
+        os("--iters"),
+        os("1"),
+        os("--warmup"),
+        os("0"),
+        os("--no-fold"),
+        os("--json"),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["batchnorm_folded"], false);
 }
 
 /// `--weights v1` reuses the record imported on first use (here placed in the cache by the

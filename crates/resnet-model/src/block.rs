@@ -5,7 +5,7 @@
 //! renaming that Rust field names force (see [`Downsample`]).
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
 use burn::tensor::activation::relu;
@@ -110,6 +110,49 @@ pub(crate) fn batch_norm(num_features: usize, zero_gamma: bool, device: &Device)
     bn
 }
 
+/// Fold an eval-mode batch norm into the convolution that feeds it, for inference.
+///
+/// With `s = gamma / sqrt(running_var + epsilon)`, `bn(conv(x)) = conv'(x)` where `conv'` has
+/// weight `W * s` (per output channel) and bias `beta - running_mean * s` (plus `b * s` if `conv`
+/// had a bias `b`). The batch norm that comes back is the identity up to rounding (weight 1,
+/// bias 0, mean 0, variance `1 - epsilon`), so a folded model computes the same function whether
+/// or not the batch norm is still applied; the forward passes skip it.
+///
+/// Uses the running statistics whatever the batch norm's training state: the folded pair is for
+/// inference only. The new values are detached from any autodiff graph.
+pub(crate) fn fold_into_conv(mut conv: Conv2d, mut bn: BatchNorm) -> (Conv2d, BatchNorm) {
+    let gamma = bn.gamma.val().detach();
+    let [channels] = gamma.dims();
+    let scale = gamma
+        / bn.running_var
+            .value()
+            .detach()
+            .add_scalar(bn.epsilon)
+            .sqrt();
+    let shift = bn.beta.val().detach() - bn.running_mean.value().detach() * scale.clone();
+    let bias = match &conv.bias {
+        Some(bias) => bias.val().detach() * scale.clone() + shift,
+        None => shift,
+    };
+    conv.weight = conv
+        .weight
+        .map(|weight| weight.detach() * scale.reshape([channels, 1, 1, 1]));
+    conv.bias = Some(Param::from_tensor(bias));
+
+    let device = bn.gamma.device();
+    bn.gamma = bn.gamma.map(|gamma| gamma.ones_like());
+    bn.beta = bn.beta.map(|beta| beta.zeros_like());
+    bn.running_mean = RunningState::new(Tensor::zeros([channels], &device));
+    bn.running_var = RunningState::new(Tensor::full([channels], 1.0 - bn.epsilon, &device));
+    (conv, bn)
+}
+
+/// `bn(conv(x))`, or just `conv(x)` once the batch norm is folded into the convolution.
+fn conv_bn(conv: &Conv2d, bn: &BatchNorm, folded: bool, input: Tensor<4>) -> Tensor<4> {
+    let out = conv.forward(input);
+    if folded { out } else { bn.forward(out) }
+}
+
 /// The projection shortcut: a strided 1x1 convolution and a batch norm.
 ///
 /// torchvision stores it as `nn.Sequential(conv1x1, BatchNorm2d)`, i.e. under the keys
@@ -121,6 +164,9 @@ pub struct Downsample {
     pub conv: Conv2d,
     /// Batch norm after the convolution.
     pub bn: BatchNorm,
+    /// Whether [`fold_batchnorm`](Self::fold_batchnorm) has folded `bn` into `conv` (the
+    /// forward pass then skips `bn`). Not part of the record.
+    pub batchnorm_folded: bool,
 }
 
 impl Downsample {
@@ -128,6 +174,7 @@ impl Downsample {
         Self {
             conv: conv1x1(in_channels, out_channels, stride, device),
             bn: batch_norm(out_channels, false, device),
+            batchnorm_folded: false,
         }
     }
 
@@ -135,7 +182,18 @@ impl Downsample {
     /// - `input`: `[batch, in_channels, h, w]`
     /// - `output`: `[batch, out_channels, ceil(h / stride), ceil(w / stride)]`
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(input))
+        conv_bn(&self.conv, &self.bn, self.batchnorm_folded, input)
+    }
+
+    /// Fold the batch norm's running statistics and affine parameters into the convolution,
+    /// for inference (see [`ResNet::fold_batchnorm`](crate::ResNet::fold_batchnorm)). Does
+    /// nothing if already folded.
+    pub fn fold_batchnorm(mut self) -> Self {
+        if !self.batchnorm_folded {
+            (self.conv, self.bn) = fold_into_conv(self.conv, self.bn);
+            self.batchnorm_folded = true;
+        }
+        self
     }
 }
 
@@ -209,6 +267,7 @@ impl BlockConfig {
             conv2: conv3x3(self.planes, self.planes, 1, 1, 1, device),
             bn2: batch_norm(self.planes, self.zero_init_residual, device),
             downsample: self.downsample(BlockKind::Basic, device),
+            batchnorm_folded: false,
         }
     }
 
@@ -238,6 +297,7 @@ impl BlockConfig {
             conv3: conv1x1(width, out, 1, device),
             bn3: batch_norm(out, self.zero_init_residual, device),
             downsample: self.downsample(BlockKind::Bottleneck, device),
+            batchnorm_folded: false,
         }
     }
 
@@ -263,6 +323,9 @@ pub struct BasicBlock {
     pub bn2: BatchNorm,
     /// Projection shortcut, present when the block changes resolution or width.
     pub downsample: Option<Downsample>,
+    /// Whether [`fold_batchnorm`](Self::fold_batchnorm) has folded the batch norms into the
+    /// convolutions before them (the forward pass then skips them). Not part of the record.
+    pub batchnorm_folded: bool,
 }
 
 impl BasicBlock {
@@ -277,9 +340,23 @@ impl BasicBlock {
             Some(downsample) => downsample.forward(input.clone()),
             None => input.clone(),
         };
-        let out = relu(self.bn1.forward(self.conv1.forward(input)));
-        let out = self.bn2.forward(self.conv2.forward(out));
+        let folded = self.batchnorm_folded;
+        let out = relu(conv_bn(&self.conv1, &self.bn1, folded, input));
+        let out = conv_bn(&self.conv2, &self.bn2, folded, out);
         relu(out + identity)
+    }
+
+    /// Fold each batch norm into the convolution before it, for inference (see
+    /// [`ResNet::fold_batchnorm`](crate::ResNet::fold_batchnorm)). Does nothing if already
+    /// folded.
+    pub fn fold_batchnorm(mut self) -> Self {
+        if !self.batchnorm_folded {
+            (self.conv1, self.bn1) = fold_into_conv(self.conv1, self.bn1);
+            (self.conv2, self.bn2) = fold_into_conv(self.conv2, self.bn2);
+            self.downsample = self.downsample.map(Downsample::fold_batchnorm);
+            self.batchnorm_folded = true;
+        }
+        self
     }
 }
 
@@ -304,6 +381,9 @@ pub struct Bottleneck {
     pub bn3: BatchNorm,
     /// Projection shortcut, present when the block changes resolution or width.
     pub downsample: Option<Downsample>,
+    /// Whether [`fold_batchnorm`](Self::fold_batchnorm) has folded the batch norms into the
+    /// convolutions before them (the forward pass then skips them). Not part of the record.
+    pub batchnorm_folded: bool,
 }
 
 impl Bottleneck {
@@ -318,10 +398,25 @@ impl Bottleneck {
             Some(downsample) => downsample.forward(input.clone()),
             None => input.clone(),
         };
-        let out = relu(self.bn1.forward(self.conv1.forward(input)));
-        let out = relu(self.bn2.forward(self.conv2.forward(out)));
-        let out = self.bn3.forward(self.conv3.forward(out));
+        let folded = self.batchnorm_folded;
+        let out = relu(conv_bn(&self.conv1, &self.bn1, folded, input));
+        let out = relu(conv_bn(&self.conv2, &self.bn2, folded, out));
+        let out = conv_bn(&self.conv3, &self.bn3, folded, out);
         relu(out + identity)
+    }
+
+    /// Fold each batch norm into the convolution before it, for inference (see
+    /// [`ResNet::fold_batchnorm`](crate::ResNet::fold_batchnorm)). Does nothing if already
+    /// folded.
+    pub fn fold_batchnorm(mut self) -> Self {
+        if !self.batchnorm_folded {
+            (self.conv1, self.bn1) = fold_into_conv(self.conv1, self.bn1);
+            (self.conv2, self.bn2) = fold_into_conv(self.conv2, self.bn2);
+            (self.conv3, self.bn3) = fold_into_conv(self.conv3, self.bn3);
+            self.downsample = self.downsample.map(Downsample::fold_batchnorm);
+            self.batchnorm_folded = true;
+        }
+        self
     }
 }
 
@@ -344,6 +439,15 @@ impl ResidualBlock {
         match self {
             ResidualBlock::Basic(block) => block.forward(input),
             ResidualBlock::Bottleneck(block) => block.forward(input),
+        }
+    }
+
+    /// Fold each batch norm into the convolution before it, for inference (see
+    /// [`ResNet::fold_batchnorm`](crate::ResNet::fold_batchnorm)).
+    pub fn fold_batchnorm(self) -> Self {
+        match self {
+            ResidualBlock::Basic(block) => ResidualBlock::Basic(block.fold_batchnorm()),
+            ResidualBlock::Bottleneck(block) => ResidualBlock::Bottleneck(block.fold_batchnorm()),
         }
     }
 

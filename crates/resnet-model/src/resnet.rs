@@ -8,7 +8,7 @@ use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use crate::block::{BlockKind, ResidualBlock, batch_norm, conv};
+use crate::block::{BlockKind, ResidualBlock, batch_norm, conv, fold_into_conv};
 use crate::error::ConfigError;
 use crate::layer::{LayerBuilder, make_layer};
 
@@ -281,6 +281,7 @@ impl ResNetConfig {
             layer4,
             avgpool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
             fc: LinearConfig::new(self.feature_dim(), self.num_classes).init(device),
+            batchnorm_folded: false,
         }
     }
 }
@@ -309,6 +310,10 @@ pub struct ResNet {
     pub avgpool: AdaptiveAvgPool2d,
     /// Classifier head.
     pub fc: Linear,
+    /// Whether [`fold_batchnorm`](Self::fold_batchnorm) has folded the stem's batch norm into
+    /// `conv1` (the forward pass then skips it; the blocks carry their own flag). Not part of
+    /// the record.
+    pub batchnorm_folded: bool,
 }
 
 impl ResNet {
@@ -339,7 +344,11 @@ impl ResNet {
     /// - `output`: `[batch, 512 * expansion, height / 32, width / 32]` (less downsampling with
     ///   the CIFAR stem or dilation)
     pub fn forward_feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = relu(self.bn1.forward(self.conv1.forward(input)));
+        let mut x = self.conv1.forward(input);
+        if !self.batchnorm_folded {
+            x = self.bn1.forward(x);
+        }
+        x = relu(x);
         if let Some(maxpool) = &self.maxpool {
             x = maxpool.forward(x);
         }
@@ -347,6 +356,48 @@ impl ResNet {
             x = block.forward(x);
         }
         x
+    }
+
+    /// Fold every batch norm into the convolution before it, for inference: the network then
+    /// computes the same logits as the eval-mode network (up to float rounding) without any
+    /// batch-norm work, as ONNX exporters and inference engines do.
+    ///
+    /// Each convolution gets a bias; each batch norm is skipped by the forward pass and reset
+    /// to the identity (weight 1, bias 0, mean 0, variance `1 - epsilon`), so the folded
+    /// parameters describe the same function whether or not a batch norm is applied. Uses the
+    /// running statistics, so call it on a trained or imported model, typically right after
+    /// [`valid`](Module::valid), and do not train the result: it has no batch normalization
+    /// left. Records of a folded model carry the conv biases, which an unfolded model has no
+    /// place for; save the model before folding. Does nothing if already folded.
+    ///
+    /// ```
+    /// use burn::module::Module;
+    /// use burn::tensor::{Device, Tensor};
+    /// use resnet_model::{BlockKind, ResNetConfig};
+    ///
+    /// let device = Device::flex();
+    /// let config = ResNetConfig::new(BlockKind::Basic, [1, 1, 1, 1]).with_cifar_stem(true);
+    /// let model = config.init(&device).valid().fold_batchnorm();
+    /// let logits = model.forward(Tensor::zeros([1, 3, 32, 32], &device));
+    /// assert_eq!(logits.dims(), [1, 1000]);
+    /// ```
+    pub fn fold_batchnorm(mut self) -> Self {
+        if !self.batchnorm_folded {
+            (self.conv1, self.bn1) = fold_into_conv(self.conv1, self.bn1);
+            self.batchnorm_folded = true;
+        }
+        for layer in [
+            &mut self.layer1,
+            &mut self.layer2,
+            &mut self.layer3,
+            &mut self.layer4,
+        ] {
+            *layer = std::mem::take(layer)
+                .into_iter()
+                .map(ResidualBlock::fold_batchnorm)
+                .collect();
+        }
+        self
     }
 
     /// The four stages, in order.

@@ -432,3 +432,104 @@ fn empty_stage_panics() {
 fn init_of_an_invalid_config_panics() {
     ResNetConfig::resnet18().with_groups(32).init(&device());
 }
+
+/// Give a batch norm statistics and affine parameters far from the identity (as a trained
+/// network has), so that folding it has something to fold.
+fn randomize(bn: &mut burn::nn::BatchNorm, device: &Device) {
+    use burn::module::{Param, RunningState};
+    let [channels] = bn.gamma.dims();
+    let uniform =
+        |low, high| Tensor::<1>::random([channels], Distribution::Uniform(low, high), device);
+    let normal = |std| Tensor::<1>::random([channels], Distribution::Normal(0.0, std), device);
+    bn.gamma = Param::from_tensor(uniform(0.5, 1.5));
+    bn.beta = Param::from_tensor(normal(0.5));
+    bn.running_mean = RunningState::new(normal(0.5));
+    bn.running_var = RunningState::new(uniform(0.25, 2.0));
+}
+
+fn randomize_batch_norms(model: &mut ResNet, device: &Device) {
+    randomize(&mut model.bn1, device);
+    for block in [
+        &mut model.layer1,
+        &mut model.layer2,
+        &mut model.layer3,
+        &mut model.layer4,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let (bns, downsample) = match block {
+            ResidualBlock::Basic(b) => (vec![&mut b.bn1, &mut b.bn2], &mut b.downsample),
+            ResidualBlock::Bottleneck(b) => {
+                (vec![&mut b.bn1, &mut b.bn2, &mut b.bn3], &mut b.downsample)
+            }
+        };
+        for bn in bns {
+            randomize(bn, device);
+        }
+        if let Some(downsample) = downsample {
+            randomize(&mut downsample.bn, device);
+        }
+    }
+}
+
+/// Folding the batch norms into the convolutions changes only the rounding: the logits of the
+/// folded network equal the eval-mode network's within 1e-4 of the largest logit, for
+/// BasicBlocks and for grouped bottlenecks (ResNeXt) with projection shortcuts.
+#[test]
+fn folded_batchnorm_gives_the_eval_logits() {
+    let device = device();
+    device.seed(11);
+    for config in [
+        tiny(BlockKind::Basic),
+        tiny(BlockKind::Bottleneck)
+            .with_groups(4)
+            .with_width_per_group(8),
+    ] {
+        let mut model = config.init(&device);
+        randomize_batch_norms(&mut model, &device);
+        let model = model.valid();
+        let x = random([2, 3, 16, 16], &device);
+        let expected = values(model.forward(x.clone()));
+        let folded = model.fold_batchnorm();
+        assert!(folded.batchnorm_folded);
+        assert!(folded.conv1.bias.is_some());
+        let logits = values(folded.forward(x.clone()));
+        let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&expected, &logits);
+        assert!(
+            diff <= 1e-4 * scale,
+            "{config:?}: folded logits differ by {diff} (largest logit {scale})"
+        );
+        // Folding twice is folding once.
+        let again = values(folded.fold_batchnorm().forward(x));
+        assert_eq!(again, logits);
+    }
+}
+
+/// The batch norms of a folded block are the identity, so running them anyway (as a model that
+/// lost its `batchnorm_folded` flags would) gives the folded output up to rounding.
+#[test]
+fn folded_batch_norms_are_the_identity() {
+    let device = device();
+    let config = BlockConfig::new(8, 4).with_stride(2).with_groups(2);
+    let mut block = config.init_bottleneck(&device);
+    for bn in [&mut block.bn1, &mut block.bn2, &mut block.bn3] {
+        randomize(bn, &device);
+    }
+    let x = random([1, 8, 6, 6], &device);
+    let expected = block.forward(x.clone()).into_data();
+    let mut folded = block.fold_batchnorm();
+    folded
+        .forward(x.clone())
+        .into_data()
+        .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
+    folded.batchnorm_folded = false;
+    if let Some(downsample) = &mut folded.downsample {
+        downsample.batchnorm_folded = false;
+    }
+    folded
+        .forward(x)
+        .into_data()
+        .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-4));
+}
