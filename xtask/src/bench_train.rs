@@ -65,6 +65,7 @@ fn ours(args: &Args) -> Result<f64> {
     let mut model = Classifier {
         net: config.init(&device),
         label_smoothing: 0.0,
+        gradient_scale: 1.0,
     };
     let mut optim = SgdConfig::new()
         .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
