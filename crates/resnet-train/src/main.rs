@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use resnet_train::backend::{Backend, describe};
+use resnet_train::backend::Backend;
 use resnet_train::train::{RunSummary, TrainArgs, run};
 
 fn train(args: &TrainArgs) -> Result<RunSummary> {
@@ -12,10 +12,7 @@ fn train(args: &TrainArgs) -> Result<RunSummary> {
         Some(backend) => backend,
         None => Backend::default_compiled()?,
     };
-    let devices = backend.devices(&args.devices)?;
-    let names: Vec<String> = devices.iter().map(|d| describe(backend, d)).collect();
-    eprintln!("training on {}", names.join(", "));
-    run(args, &devices)
+    run(args, &backend.devices(&args.devices)?)
 }
 
 fn main() -> ExitCode {

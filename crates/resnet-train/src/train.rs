@@ -29,7 +29,7 @@ use resnet_import::{
 };
 use resnet_model::{ResNet, ResNetConfig};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, describe};
 use crate::data::{ImageBatcher, ImageDataset, Split, Transform, cifar10, image_folder};
 use crate::logger::{CsvMetricLogger, Rows};
 use crate::model::Classifier;
@@ -440,6 +440,10 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
         }
         training
     };
+    if let Some(backend) = args.backend.or_else(|| Backend::default_compiled().ok()) {
+        let names: Vec<String> = devices.iter().map(|d| describe(backend, d)).collect();
+        eprintln!("training on {}", names.join(", "));
+    }
     if let Some(epoch) = resume_from {
         eprintln!("resuming after epoch {epoch}");
     }

@@ -58,7 +58,9 @@ fn training_lowers_the_loss_on_every_backend() {
         classes: None,
         preprocessing: None,
     };
-    save_record(&config.init(&Device::flex()), &meta, &start).unwrap();
+    let cpu = Device::flex();
+    cpu.seed(3);
+    save_record(&config.init(&cpu), &meta, &start).unwrap();
     let mut reference: Option<(Backend, Vec<f64>)> = None;
     for backend in backends_under_test() {
         let device = backend.device().unwrap();
@@ -100,7 +102,7 @@ fn training_lowers_the_loss_on_every_backend() {
         );
         assert_eq!(losses.len(), 3);
         assert!(losses.iter().all(|loss| loss.is_finite()), "{losses:?}");
-        // flex goes from 1.12 to 0.94 in three epochs.
+        // flex goes from 1.25 to 0.97 in three epochs.
         assert!(
             losses[2] < 0.95 * losses[0],
             "{}: {losses:?}",
