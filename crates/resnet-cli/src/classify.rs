@@ -209,8 +209,9 @@ fn probabilities(
 }
 
 /// Classify every image; a file that cannot be read is reported and skipped, and makes the
-/// command fail at the end.
-pub fn classify(args: &ClassifyArgs, device: &Device) -> Result<()> {
+/// command fail at the end. `running_on` (the device line) goes to stderr once the inputs and
+/// weights are found usable.
+pub fn classify(args: &ClassifyArgs, device: &Device, running_on: &str) -> Result<()> {
     if args.top_k == 0 || args.batch_size == 0 {
         bail!("--top-k and --batch-size must be at least 1");
     }
@@ -236,6 +237,7 @@ pub fn classify(args: &ClassifyArgs, device: &Device) -> Result<()> {
     let crop = prep.crop_size as usize;
     let names = class_names(&meta, meta.config.num_classes);
     let exif = args.weights.exif();
+    eprintln!("{running_on}");
 
     let progress = if !args.json && std::io::stdout().is_terminal() && files.len() > args.batch_size
     {

@@ -80,8 +80,9 @@ pub struct ForwardArgs {
     features: bool,
 }
 
-/// Run a model in eval mode on a `.npy` batch and write the result as `.npy`.
-pub fn forward(args: &ForwardArgs, device: &Device) -> Result<()> {
+/// Run a model in eval mode on a `.npy` batch and write the result as `.npy`. `running_on`
+/// (the device line) goes to stderr once the model and input are found usable.
+pub fn forward(args: &ForwardArgs, device: &Device, running_on: &str) -> Result<()> {
     let (model, meta) = load_model(&args.weights, &ImportOptions::default(), device)?;
     let (shape, values) = npy::read_f32(&args.input)?;
     let &[n, c, h, w] = shape.as_slice() else {
@@ -101,6 +102,7 @@ pub fn forward(args: &ForwardArgs, device: &Device) -> Result<()> {
     model
         .summary(h, w)
         .with_context(|| format!("{}: input of {h}x{w} pixels", args.input.display()))?;
+    eprintln!("{running_on}");
     let input = Tensor::<4>::from_data(TensorData::new(values, [n, c, h, w]), device);
     let output = if args.features {
         model.forward_features(input)

@@ -57,18 +57,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         None => Backend::default_compiled()?,
     };
     let device = backend.device()?;
-    if matches!(
-        cli.command,
-        Command::Classify(_) | Command::Bench(_) | Command::Forward(_)
-    ) {
-        eprintln!("running on {}", describe(backend, &device));
-    }
+    // Printed by the commands that run a model, once their inputs are validated (bad input
+    // stays a one-line error); `bench` names the device in its report.
+    let running_on = || format!("running on {}", describe(backend, &device));
     match cli.command {
-        Command::Classify(args) => classify::classify(&args, &device),
+        Command::Classify(args) => classify::classify(&args, &device, &running_on()),
         Command::Bench(args) => bench::run(&args, backend, &device),
         Command::Info(args) => info::run(&args, &device),
         Command::Import(args) => import::import(&args, &device),
-        Command::Forward(args) => import::forward(&args, &device),
+        Command::Forward(args) => import::forward(&args, &device, &running_on()),
         Command::Backends | Command::Preprocess(_) => Ok(()),
     }
 }
