@@ -6,31 +6,17 @@
 //! compiled-in backends that run without a GPU or libtorch (flex, ndarray, wgpu). CI builds
 //! this test with `--features wgpu,ndarray` and runs wgpu on Mesa's lavapipe (Vulkan on the CPU).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command as Process;
 
-use assert_cmd::Command;
 use resnet_train::backend::Backend;
+
+mod common;
+use common::{fixture, read_npy, resnet};
 
 /// Largest tolerated `max |ours - PyTorch| / max |PyTorch|` over the logits, as the CPU parity
 /// tests use.
 const RELATIVE_TOLERANCE: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../resnet-import/tests/fixtures")
-        .join(name)
-}
-
-fn resnet() -> Command {
-    Command::cargo_bin("resnet").expect("the resnet binary is built")
-}
-
-fn read_npy(path: &Path) -> Vec<f32> {
-    resnet_import::npy::read_f32(path)
-        .unwrap_or_else(|err| panic!("{err}"))
-        .1
-}
 
 /// `max |a - b| / max |b|`.
 fn relative_error(a: &[f32], b: &[f32]) -> f32 {

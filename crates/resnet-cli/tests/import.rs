@@ -1,23 +1,10 @@
 //! `resnet import` and `resnet forward` end to end, on the tiny PyTorch fixtures of
 //! resnet-import.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use assert_cmd::Command;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../resnet-import/tests/fixtures")
-        .join(name)
-}
-
-fn resnet() -> Command {
-    Command::cargo_bin("resnet").expect("the resnet binary is built")
-}
-
-fn read_npy(path: &Path) -> Vec<f32> {
-    resnet_import::npy::read_f32(path).expect("readable npy").1
-}
+mod common;
+use common::{fixture, read_npy, resnet};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
