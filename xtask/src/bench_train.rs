@@ -66,6 +66,7 @@ fn ours(args: &Args) -> Result<f64> {
         net: config.init(&device),
         label_smoothing: 0.0,
         gradient_scale: 1.0,
+        sync_steps: false,
     };
     let mut optim = SgdConfig::new()
         .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))

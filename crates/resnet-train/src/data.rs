@@ -841,12 +841,20 @@ pub struct ClassificationBatch {
 pub struct ImageBatcher {
     /// The side `S` of the images; 0 infers it from the first sample.
     pub image_size: usize,
+    /// Build every batch on this device instead of the one the loader asks for; the training
+    /// step moves it to its replica's device. Set for remote devices: Burn 0.22's remote
+    /// server can run an operation before the creation of its input when the two were sent
+    /// from different threads (the loader's and the replica's), and fails the session.
+    pub staging: Option<Device>,
 }
 
 impl ImageBatcher {
     /// A batcher for `size` x `size` images.
     pub fn new(image_size: usize) -> Self {
-        Self { image_size }
+        Self {
+            image_size,
+            staging: None,
+        }
     }
 }
 
@@ -855,6 +863,7 @@ impl Batcher<Sample, ClassificationBatch> for ImageBatcher {
     ///
     /// When a sample does not have `3 * S * S` values (a transform and batcher that disagree).
     fn batch(&self, items: Vec<Sample>, device: &Device) -> ClassificationBatch {
+        let device = self.staging.as_ref().unwrap_or(device);
         let n = items.len();
         let size = if self.image_size > 0 {
             self.image_size

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod distributed;
 mod logger;
 pub mod model;
 pub mod plots;

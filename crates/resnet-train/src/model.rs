@@ -19,6 +19,11 @@ pub struct Classifier {
     /// when N devices each take a share of the batch and Burn's multi-device strategy sums
     /// their gradients, so that the update equals the single-device one on the whole batch.
     pub gradient_scale: f32,
+    /// Wait for the replica's device to finish each training step before its gradients are
+    /// handed to the trainer's thread. Needed for remote devices: Burn 0.22's remote client
+    /// sends each thread's operations in batches, and a read from another thread can reach the
+    /// server before the batch that computes the tensor, which fails the session.
+    pub sync_steps: bool,
 }
 
 impl Classifier {
@@ -32,6 +37,14 @@ impl Classifier {
         images: Tensor<4>,
         targets: Tensor<1, Int>,
     ) -> ClassificationOutput {
+        // Batches built on a staging device (see `ImageBatcher::staging`) move to this
+        // replica's device here, on the replica's own thread; elsewhere this is a no-op.
+        let device = self.net.conv1.weight.val().device();
+        let (images, targets) = if images.device() == device {
+            (images, targets)
+        } else {
+            (images.to_device(&device), targets.to_device(&device))
+        };
         let output = self.net.forward(images);
         let smoothing = (self.label_smoothing > 0.0).then_some(self.label_smoothing);
         let loss = CrossEntropyLossConfig::new()
@@ -51,12 +64,21 @@ impl TrainStep for Classifier {
     type Output = ClassificationOutput;
 
     fn step(&self, batch: ClassificationBatch) -> TrainOutput<ClassificationOutput> {
+        if self.sync_steps {
+            crate::distributed::step_gate(std::time::Duration::from_secs(300));
+        }
         let item = self.forward_classification(batch.images, batch.targets);
         let gradients = if self.gradient_scale == 1.0 {
             item.loss.backward()
         } else {
             (item.loss.clone() * self.gradient_scale).backward()
         };
+        if self.sync_steps
+            && let Err(err) = item.loss.device().sync()
+        {
+            panic!("the training step failed on its device: {err}");
+        }
+        crate::distributed::note_progress();
         TrainOutput::new(self, gradients, item)
     }
 }
@@ -66,6 +88,8 @@ impl InferenceStep for Classifier {
     type Output = ClassificationOutput;
 
     fn step(&self, batch: ClassificationBatch) -> ClassificationOutput {
-        self.forward_classification(batch.images, batch.targets)
+        let output = self.forward_classification(batch.images, batch.targets);
+        crate::distributed::note_progress();
+        output
     }
 }

@@ -31,6 +31,7 @@ use resnet_model::{ResNet, ResNetConfig};
 
 use crate::backend::{Backend, describe};
 use crate::data::{ImageBatcher, ImageDataset, Split, Transform, cifar10, image_folder};
+use crate::distributed::TokenArgs;
 use crate::logger::{CsvMetricLogger, Rows};
 use crate::model::Classifier;
 use crate::plots::{EpochMetrics, draw_confusion, write_confusion_csv};
@@ -56,7 +57,14 @@ pub enum Optimizer {
 
 /// Train or fine-tune a ResNet on your own images with Burn's Learner.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "resnet-train", version, about)]
+#[command(
+    name = "resnet-train",
+    version,
+    about,
+    after_help = "Remote workers: `resnet-train serve-devices --help`. With RANK >= 1 in the \
+                  environment (torchrun, Kubernetes indexed Jobs), this same command line \
+                  serves the devices to rank 0 instead of training."
+)]
 pub struct TrainArgs {
     /// Data directory (see --format).
     #[arg(long)]
@@ -135,6 +143,10 @@ pub struct TrainArgs {
     /// Continue from the last checkpoint in `--out`.
     #[arg(long)]
     pub resume: bool,
+    /// Continue from the last checkpoint in `--out` if there is one, else start afresh: for
+    /// jobs a scheduler may restart.
+    #[arg(long, conflicts_with = "resume")]
+    pub resume_if_present: bool,
     /// Backend to train on (only those compiled in via cargo features; default: flex, or the
     /// first one compiled in). Read by the binary, which passes the devices to [`run`].
     #[arg(long, value_enum)]
@@ -148,6 +160,23 @@ pub struct TrainArgs {
     /// instead of the multi-device strategy (gradients summed and applied on the first device).
     #[arg(long)]
     pub ddp: bool,
+    /// Remote workers (`resnet-train serve-devices`) to train on as well, e.g.
+    /// `ws://node1:29500,ws://node2:29500`: every device they serve takes a share of each batch.
+    #[arg(long, env = "RESNET_REMOTE", value_delimiter = ',')]
+    pub remote: Vec<String>,
+    /// With `WORLD_SIZE` > 1 and no --remote: the address of rank `{rank}`'s worker, e.g.
+    /// `ws://resnet-train-{rank}.resnet-train:29500` (ranks 1 to WORLD_SIZE - 1).
+    #[arg(long, env = "RESNET_REMOTE_TEMPLATE")]
+    pub remote_template: Option<String>,
+    /// The token shared with the workers.
+    #[command(flatten)]
+    pub auth: TokenArgs,
+    /// Seconds to keep retrying remote workers that are not up yet.
+    #[arg(long, default_value_t = 300)]
+    pub connect_timeout: u64,
+    /// With remote workers: fail when no step finishes in this many seconds (0: wait forever).
+    #[arg(long, default_value_t = 600)]
+    pub step_timeout: u64,
 }
 
 /// Everything a finished run produced.
@@ -231,9 +260,30 @@ fn initial_model(
     Ok((config.init(device), config))
 }
 
-/// Run a training as the arguments say, on `devices` (autodiff devices are derived from them;
-/// the first one also evaluates). Several devices train data-parallel.
+/// Run a training as the arguments say, on `devices` of `--backend` (autodiff devices are
+/// derived from them; the first one also evaluates). Several devices train data-parallel.
 pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
+    let backend = args.backend.or_else(|| Backend::default_compiled().ok());
+    let labelled: Vec<(String, Device)> = devices
+        .iter()
+        .map(|device| {
+            let label = backend.map_or_else(|| "?".to_string(), |b| describe(b, device));
+            (label, device.clone())
+        })
+        .collect();
+    run_on(args, &labelled, &[])
+}
+
+/// [`run`] on local devices and remote ones (see [`crate::distributed`]), each labelled for
+/// the "training on" line. The first local device holds the model, evaluates and steps the
+/// optimizer.
+pub fn run_on(
+    args: &TrainArgs,
+    local: &[(String, Device)],
+    remote: &[(String, Device)],
+) -> Result<RunSummary> {
+    let labelled: Vec<&(String, Device)> = local.iter().chain(remote).collect();
+    let devices: Vec<Device> = labelled.iter().map(|(_, d)| d.clone()).collect();
     let Some(device) = devices.first() else {
         bail!("no device to train on");
     };
@@ -266,6 +316,8 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
                 args.out.join("checkpoint").display()
             ),
         }
+    } else if args.resume_if_present {
+        latest_checkpoint(&args.out)
     } else {
         None
     };
@@ -281,7 +333,7 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
         bail!("--image-size must be at least 1");
     }
 
-    for device in devices {
+    for device in &devices {
         device.seed(args.seed);
     }
     let train_device = device.clone().autodiff();
@@ -307,6 +359,7 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
         } else {
             1.0
         },
+        sync_steps: !remote.is_empty(),
     };
 
     // Evaluation: resize to size * 8/7 (256 for 224, as torchvision) and center crop; at CIFAR
@@ -336,6 +389,19 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
     train
         .samples
         .shuffle(&mut StdRng::seed_from_u64(args.seed ^ 0x5eed_5a3e));
+    if !remote.is_empty() {
+        // Every replica must take part in every step (see `distributed::step_gate`): drop the
+        // last partial batch, so that each device's slice holds the same number of batches.
+        let whole = train.samples.len() - train.samples.len() % args.batch_size;
+        if whole == 0 {
+            bail!(
+                "with remote workers, the training set needs at least --batch-size ({}) images",
+                args.batch_size
+            );
+        }
+        train.samples.truncate(whole);
+    }
+    crate::distributed::set_step_gate((!remote.is_empty()).then_some(replicas));
     let train_data = ImageDataset::new(train.clone(), train_transform, mean, std, args.seed);
     let val_data = ImageDataset::new(
         val.clone(),
@@ -348,11 +414,13 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let batcher = ImageBatcher {
-        image_size: size as usize,
-    };
+    let batcher = ImageBatcher::new(size as usize);
     // `--batch-size` is the batch of one step over all devices; each device takes its share.
-    let train_loader = DataLoaderBuilder::new(batcher.clone())
+    let train_batcher = ImageBatcher {
+        staging: (!remote.is_empty()).then(|| device.clone()),
+        ..batcher.clone()
+    };
+    let train_loader = DataLoaderBuilder::new(train_batcher)
         .batch_size(args.batch_size / replicas)
         .shuffle(args.seed)
         .num_workers(workers)
@@ -440,10 +508,8 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
         }
         training
     };
-    if let Some(backend) = args.backend.or_else(|| Backend::default_compiled().ok()) {
-        let names: Vec<String> = devices.iter().map(|d| describe(backend, d)).collect();
-        eprintln!("training on {}", names.join(", "));
-    }
+    let names: Vec<&str> = labelled.iter().map(|(label, _)| label.as_str()).collect();
+    eprintln!("training on {}", names.join(", "));
     if let Some(epoch) = resume_from {
         eprintln!("resuming after epoch {epoch}");
     }
@@ -452,12 +518,12 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
     // Phase 1: the head alone (when the backbone is frozen and we are not past that phase).
     if frozen_epochs > 0 && checkpoint.unwrap_or(0) < frozen_epochs {
         let learner = Learner::new(freeze_backbone(model), make_optim(), make_scheduler()?);
-        let result = make_training(frozen_epochs, checkpoint).launch(learner);
+        let trained = launch(make_training(frozen_epochs, checkpoint), learner)?;
         if frozen_epochs == args.epochs {
-            model = result.model;
+            model = trained;
         } else {
             eprintln!("unfreezing the backbone after epoch {frozen_epochs}");
-            model = result.model.train();
+            model = trained.train();
             checkpoint = Some(frozen_epochs);
         }
     }
@@ -467,7 +533,7 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
         // Phase 2 (or the only one): the whole network. A fresh module is loaded from the
         // last checkpoint by the Learner, so its parameters are trainable again.
         let learner = Learner::new(model.unfreeze(), make_optim(), make_scheduler()?);
-        make_training(args.epochs, checkpoint).launch(learner).model
+        launch(make_training(args.epochs, checkpoint), learner)?
     };
 
     let meta = RecordMeta {
@@ -493,6 +559,7 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
                 net: config.init(device),
                 label_smoothing: args.label_smoothing,
                 gradient_scale: 1.0,
+                sync_steps: false,
             };
             best.load_from(&mut BurnpackStore::from_file(&path))
                 .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
@@ -518,6 +585,38 @@ pub fn run(args: &TrainArgs, devices: &[Device]) -> Result<RunSummary> {
         best_record,
         final_val_acc1: correct as f64 / total_val.max(1) as f64,
     })
+}
+
+/// Train, turning a failed run (a step's error, or a panic such as a lost remote device)
+/// into an error.
+fn launch(
+    training: SupervisedTraining<Classifier>,
+    learner: Learner<Classifier>,
+) -> Result<Classifier> {
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| training.launch(learner)))
+            .map_err(|panic| {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown cause");
+                anyhow::anyhow!("training failed: {}", one_line(message))
+            })?;
+    if let Some(error) = result.error {
+        bail!("training failed: {}", one_line(&error.to_string()));
+    }
+    Ok(result.model)
+}
+
+/// A multi-line error report (causes, a captured backtrace) as one line, without the backtrace.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("stack backtrace:"))
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// How the Learner spreads the work over `devices` (autodiff devices, at least one).
@@ -592,6 +691,7 @@ fn confusion(
     for batch in loader.iter() {
         let batch = batch.map_err(|err| anyhow::anyhow!("validation data: {err}"))?;
         let predicted = net.forward(batch.images).argmax(1).flatten::<1>(0, 1);
+        crate::distributed::note_progress();
         let predicted: Vec<i64> = predicted
             .into_data()
             .try_into_vec_as::<i64>()
