@@ -892,6 +892,67 @@ impl Batcher<Sample, ClassificationBatch> for ImageBatcher {
     }
 }
 
+/// The item indices `0..len` of a dataset whose items a [`FetchingBatcher`] fetches itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Indices(pub usize);
+
+impl Dataset<usize> for Indices {
+    fn get(&self, index: usize) -> Result<usize, DatasetError> {
+        Ok(index)
+    }
+
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// Fetches (decodes and augments) the items of each batch from an [`ImageDataset`] on
+/// `threads` threads, then stacks them with an [`ImageBatcher`].
+///
+/// Paired with a data loader over [`Indices`] with one worker, batches come out in the
+/// loader's order, whatever the thread timing: Burn's loader with several workers gives each
+/// worker a slice of the epoch and hands their batches over in the order they finish, so the
+/// batch order (and the trained weights) would change from run to run.
+#[derive(Clone, Debug)]
+pub struct FetchingBatcher {
+    /// The dataset the indices refer to.
+    pub dataset: Arc<ImageDataset>,
+    /// Stacks the fetched samples.
+    pub batcher: ImageBatcher,
+    /// Threads fetching the items of one batch (at least 1).
+    pub threads: usize,
+}
+
+impl Batcher<usize, ClassificationBatch> for FetchingBatcher {
+    /// # Panics
+    ///
+    /// When no image of the dataset can be read any more (see [`ImageDataset`]).
+    fn batch(&self, indices: Vec<usize>, device: &Device) -> ClassificationBatch {
+        let per_thread = indices.len().div_ceil(self.threads.max(1)).max(1);
+        let fetched: Vec<Result<Sample, DatasetError>> = std::thread::scope(|scope| {
+            let parts: Vec<_> = indices
+                .chunks(per_thread)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|&i| self.dataset.get(i))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|part| part.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let samples = fetched
+            .into_iter()
+            .collect::<Result<Vec<Sample>, DatasetError>>()
+            .unwrap_or_else(|err| panic!("training data: {err}"));
+        self.batcher.batch(samples, device)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

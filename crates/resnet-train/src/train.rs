@@ -30,7 +30,9 @@ use resnet_import::{
 use resnet_model::{ResNet, ResNetConfig};
 
 use crate::backend::{Backend, describe};
-use crate::data::{ImageBatcher, ImageDataset, Split, Transform, cifar10, image_folder};
+use crate::data::{
+    FetchingBatcher, ImageBatcher, ImageDataset, Indices, Split, Transform, cifar10, image_folder,
+};
 use crate::distributed::TokenArgs;
 use crate::logger::{CsvMetricLogger, Rows};
 use crate::model::Classifier;
@@ -411,24 +413,37 @@ pub fn run_on(
         args.seed,
     );
     let train_len = train.samples.len();
+    let val_len = val.samples.len();
     let workers = args
         .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
     let batcher = ImageBatcher::new(size as usize);
-    // `--batch-size` is the batch of one step over all devices; each device takes its share.
-    let train_batcher = ImageBatcher {
-        staging: (!remote.is_empty()).then(|| device.clone()),
-        ..batcher.clone()
+    // One loader thread per device prefetches batches in order (same seed, same run); the
+    // `--workers` threads decode and augment the items of each batch.
+    let train_batcher = FetchingBatcher {
+        dataset: Arc::new(train_data),
+        batcher: ImageBatcher {
+            staging: (!remote.is_empty()).then(|| device.clone()),
+            ..batcher.clone()
+        },
+        threads: workers,
     };
+    // `--batch-size` is the batch of one step over all devices; each device takes its share.
     let train_loader = DataLoaderBuilder::new(train_batcher)
         .batch_size(args.batch_size / replicas)
         .shuffle(args.seed)
-        .num_workers(workers)
-        .build(train_data);
-    let val_loader = DataLoaderBuilder::new(batcher.clone())
+        .num_workers(1)
+        .build(Indices(train_len));
+    let val_batcher = FetchingBatcher {
+        dataset: Arc::new(val_data),
+        batcher: batcher.clone(),
+        threads: workers,
+    };
+    let val_loader = DataLoaderBuilder::new(val_batcher)
         .batch_size(args.batch_size)
-        .num_workers(workers)
-        .build(val_data);
+        .num_workers(1)
+        .build(Indices(val_len));
 
     // Optimizer and schedule: linear warm-up from 1% of the peak, then cosine to 0, per step.
     let scale = args.batch_size as f64 / 128.0;

@@ -207,9 +207,6 @@ fn a_remote_worker_trains_like_a_local_replica() {
         "10",
         "--seed",
         "5",
-        // Several loader workers hand batches over in the order they finish them.
-        "--workers",
-        "1",
     ];
 
     let local = run(

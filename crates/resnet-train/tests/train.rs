@@ -219,6 +219,44 @@ fn two_devices_update_like_one_device_on_the_combined_batch() {
     );
 }
 
+/// Same seed, same run: two trainings with several data-loading threads end with the same
+/// weights, bit for bit (batches keep their order whatever the threads' timing).
+#[test]
+fn same_seed_same_weights_with_several_loader_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes_dataset(&dir.path().join("data"), 10, 4);
+    let weights = |name: &str| -> Vec<f32> {
+        let summary = run(
+            &args(
+                &dir.path().join("data"),
+                &dir.path().join(name),
+                &[
+                    "--width",
+                    "4",
+                    "--cifar-stem",
+                    "--epochs",
+                    "2",
+                    "--batch-size",
+                    "6",
+                    "--workers",
+                    "3",
+                    "--seed",
+                    "11",
+                ],
+            ),
+            &[Device::flex()],
+        )
+        .unwrap();
+        let (net, _) = resnet_import::load_record(&summary.final_record, &Device::flex()).unwrap();
+        let mut values: Vec<f32> = net.conv1.weight.val().into_data().try_to_vec().unwrap();
+        values.extend(net.fc.weight.val().into_data().try_to_vec::<f32>().unwrap());
+        values
+    };
+    let first = weights("first");
+    let second = weights("second");
+    assert_eq!(first, second);
+}
+
 fn train_binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_resnet-train"))
 }
