@@ -261,8 +261,9 @@ fn train_binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_resnet-train"))
 }
 
-/// SIGKILL in the middle of a run loses at most the current epoch: `--resume` continues after
-/// the last checkpoint and finishes.
+/// SIGKILL in the middle of a run loses at most the current epoch: `--resume-if-present`
+/// continues after the last checkpoint and finishes (and, the first time, with no checkpoint
+/// yet, starts afresh: the same command line serves a scheduler's restarts).
 #[test]
 fn resumes_after_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -286,6 +287,7 @@ fn resumes_after_sigkill() {
         .arg("--out")
         .arg(&out)
         .args(common)
+        .arg("--resume-if-present")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -308,7 +310,7 @@ fn resumes_after_sigkill() {
         .arg("--out")
         .arg(&out)
         .args(common)
-        .arg("--resume")
+        .arg("--resume-if-present")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
