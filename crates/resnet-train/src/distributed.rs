@@ -65,6 +65,7 @@ impl TokenArgs {
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "resnet-train serve-devices",
+    bin_name = "resnet-train serve-devices",
     version,
     about = "Serve this machine's devices to a resnet-train trainer (a data-parallel worker)"
 )]
