@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
-use common::{args, shapes_dataset};
+use common::{args, head_weights, max_abs_diff, shapes_dataset};
 use resnet_model::ResNet;
 use resnet_train::train::run;
 
@@ -124,23 +124,16 @@ fn parameters(record: &Path) -> (Vec<f32>, Vec<f32>) {
     (collect.0, running.try_to_vec::<f32>().unwrap())
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-}
-
-/// Runs the trainer binary to completion (at most `timeout`), with `--remote urls`.
-fn trainer(
+/// Starts the trainer binary with `--remote urls`, its stderr piped; returns its index in
+/// `processes`.
+fn spawn_trainer(
     processes: &mut Processes,
     data: &Path,
     out: &Path,
     urls: &[String],
     token_file: &Path,
     extra: &[&str],
-    timeout: Duration,
-) -> (ExitStatus, String) {
+) -> usize {
     let child = train_binary()
         .arg("--data")
         .arg(data)
@@ -156,7 +149,20 @@ fn trainer(
         .spawn()
         .unwrap();
     processes.0.push(child);
-    let index = processes.0.len() - 1;
+    processes.0.len() - 1
+}
+
+/// Runs the trainer binary to completion (at most `timeout`), with `--remote urls`.
+fn trainer(
+    processes: &mut Processes,
+    data: &Path,
+    out: &Path,
+    urls: &[String],
+    token_file: &Path,
+    extra: &[&str],
+    timeout: Duration,
+) -> (ExitStatus, String) {
+    let index = spawn_trainer(processes, data, out, urls, token_file, extra);
     let stderr = processes.0[index].stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -307,13 +313,9 @@ fn three_processes_update_like_one_on_the_combined_batch() {
     );
     assert!(status.success(), "{stderr}");
 
-    let head = |record: &Path| -> Vec<f32> {
-        let (net, _) = resnet_import::load_record(record, &Device::flex()).unwrap();
-        net.fc.weight.val().into_data().try_to_vec().unwrap()
-    };
-    let before = head(&start);
-    let one = head(&one.final_record);
-    let three = head(&out.join("final.bpk"));
+    let before = head_weights(&start);
+    let one = head_weights(&one.final_record);
+    let three = head_weights(&out.join("final.bpk"));
     let update = max_abs_diff(&one, &before);
     let diff = max_abs_diff(&one, &three);
     println!("head update {update:e}; one process vs three {diff:e}");
@@ -336,12 +338,13 @@ fn a_killed_worker_fails_the_run_with_a_clear_error() {
     let (victim, first) = start_worker(&mut processes, &token);
     let (survivor, second) = start_worker(&mut processes, &token);
     let out = dir.path().join("run");
-    let child = train_binary()
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .args([
+    let trainer = spawn_trainer(
+        &mut processes,
+        &data,
+        &out,
+        &[first, second],
+        &token,
+        &[
             "--width",
             "8",
             "--cifar-stem",
@@ -351,17 +354,8 @@ fn a_killed_worker_fails_the_run_with_a_clear_error() {
             "12",
             "--step-timeout",
             "30",
-        ])
-        .arg("--remote")
-        .arg(format!("{first},{second}"))
-        .arg("--token-file")
-        .arg(&token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    processes.0.push(child);
-    let trainer = processes.0.len() - 1;
+        ],
+    );
 
     // Kill the first worker once an epoch has been checkpointed (training is under way).
     let deadline = Instant::now() + Duration::from_secs(300);

@@ -11,7 +11,7 @@ use burn::tensor::Device;
 use resnet_train::train::run;
 
 mod common;
-use common::{CLASSES, args, sample_image, shapes_dataset};
+use common::{CLASSES, args, head_weights, max_abs_diff, sample_image, shapes_dataset};
 
 /// A narrow CIFAR-stem ResNet-18 on 3 classes of drawn shapes reaches at least 90%
 /// validation accuracy (chance: 33%).
@@ -196,21 +196,13 @@ fn two_devices_update_like_one_device_on_the_combined_batch() {
             devices,
         )
         .unwrap();
-        let (net, _) = resnet_import::load_record(&summary.final_record, &Device::flex()).unwrap();
-        net.fc.weight.val().into_data().try_to_vec().unwrap()
+        head_weights(&summary.final_record)
     };
-    let (before, _) = resnet_import::load_record(&start, &Device::flex()).unwrap();
-    let before: Vec<f32> = before.fc.weight.val().into_data().try_to_vec().unwrap();
+    let before = head_weights(&start);
     let one = head(&[Device::flex()], "one");
     let two = head(&[Device::flex(), Device::flex()], "two");
-    let update = one
-        .iter()
-        .zip(&before)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    let diff = one
-        .iter()
-        .zip(&two)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let update = max_abs_diff(&one, &before);
+    let diff = max_abs_diff(&one, &two);
     println!("head update {update:e}; one vs two devices {diff:e}");
     assert!(update > 1e-3, "the head barely trained: {update}");
     assert!(

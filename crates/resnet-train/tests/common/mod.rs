@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use burn::tensor::Device;
 use clap::Parser;
 use image::{Rgb, RgbImage};
 use rand::rngs::StdRng;
@@ -80,4 +81,18 @@ pub fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     ];
     argv.extend(extra.iter().map(|s| s.to_string()));
     TrainArgs::try_parse_from(argv).unwrap()
+}
+
+/// The classifier head's weights in a record.
+pub fn head_weights(record: &Path) -> Vec<f32> {
+    let (net, _) = resnet_import::load_record(record, &Device::flex()).unwrap();
+    net.fc.weight.val().into_data().try_to_vec().unwrap()
+}
+
+/// The largest absolute difference between two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
 }
