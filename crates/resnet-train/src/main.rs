@@ -62,12 +62,7 @@ fn compact_panic_reports() {
         return;
     }
     std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("panic");
+        let message = info.payload_as_str().unwrap_or("panic");
         let first = message.lines().next().unwrap_or_default();
         let thread = std::thread::current();
         eprintln!(
