@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// (`ResNet::fold_batchnorm`, what `resnet classify` runs), to measure what folding saves.
     #[arg(long)]
     no_fold: bool,
+    /// Run Burn's own convolutions instead of resnet-rs's fused CPU convolution (which only
+    /// the flex backend has), to measure what the latter saves.
+    #[arg(long)]
+    burn_conv: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -48,6 +52,8 @@ struct Report {
     batch_size: usize,
     image_size: usize,
     batchnorm_folded: bool,
+    /// Whether resnet-rs's fused CPU convolution was on (it only applies to flex).
+    fast_conv: bool,
     iters: usize,
     median_ms: f64,
     /// Mean over the timed iterations: on asynchronous GPU backends single iterations can
@@ -72,6 +78,7 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
         bail!("--batch-size and --iters must be at least 1");
     }
     let config = ResNetConfig::from_name(&args.arch)?;
+    resnet_model::ops::set_fast_kernels(!args.burn_conv);
     let model = config.init(device).valid();
     model.summary(args.image_size, args.image_size)?;
     let model = if args.no_fold {
@@ -124,6 +131,7 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
         batch_size: args.batch_size,
         image_size: args.image_size,
         batchnorm_folded: model.batchnorm_folded,
+        fast_conv: resnet_model::ops::fast_kernels() && backend.cli_name() == "flex",
         iters: args.iters,
         median_ms: median,
         mean_ms: times.iter().sum::<f64>() / times.len() as f64,
@@ -138,13 +146,18 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} batch {} at {}x{}{} on {}, {} iterations after {} warm-up",
+            "{} batch {} at {}x{}{}{} on {}, {} iterations after {} warm-up",
             report.arch,
             report.batch_size,
             report.image_size,
             report.image_size,
             if report.batchnorm_folded {
                 ", batch norms folded"
+            } else {
+                ""
+            },
+            if report.fast_conv {
+                ", fused convolutions"
             } else {
                 ""
             },

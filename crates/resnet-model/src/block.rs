@@ -10,6 +10,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
+
+use crate::ops;
 use serde::{Deserialize, Serialize};
 
 /// Which residual block a network is built from; torchvision's `block` argument.
@@ -147,10 +149,24 @@ pub(crate) fn fold_into_conv(mut conv: Conv2d, mut bn: BatchNorm) -> (Conv2d, Ba
     (conv, bn)
 }
 
-/// `bn(conv(x))`, or just `conv(x)` once the batch norm is folded into the convolution.
-fn conv_bn(conv: &Conv2d, bn: &BatchNorm, folded: bool, input: Tensor<4>) -> Tensor<4> {
-    let out = conv.forward(input);
-    if folded { out } else { bn.forward(out) }
+/// `act(bn(conv(x)) + residual)`, `act` being the ReLU when `apply_relu`; once the batch norm is
+/// folded into the convolution, a single fused convolution ([`ops::conv2d_fused`]).
+pub(crate) fn conv_bn_act(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    folded: bool,
+    input: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    apply_relu: bool,
+) -> Tensor<4> {
+    if folded {
+        return ops::conv2d_fused(conv, input, residual, apply_relu);
+    }
+    let mut out = bn.forward(ops::conv2d_fused(conv, input, None, false));
+    if let Some(residual) = residual {
+        out = out + residual;
+    }
+    if apply_relu { relu(out) } else { out }
 }
 
 /// The projection shortcut: a strided 1x1 convolution and a batch norm.
@@ -182,7 +198,14 @@ impl Downsample {
     /// - `input`: `[batch, in_channels, h, w]`
     /// - `output`: `[batch, out_channels, ceil(h / stride), ceil(w / stride)]`
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        conv_bn(&self.conv, &self.bn, self.batchnorm_folded, input)
+        conv_bn_act(
+            &self.conv,
+            &self.bn,
+            self.batchnorm_folded,
+            input,
+            None,
+            false,
+        )
     }
 
     /// Fold the batch norm's running statistics and affine parameters into the convolution,
@@ -341,9 +364,8 @@ impl BasicBlock {
             None => input.clone(),
         };
         let folded = self.batchnorm_folded;
-        let out = relu(conv_bn(&self.conv1, &self.bn1, folded, input));
-        let out = conv_bn(&self.conv2, &self.bn2, folded, out);
-        relu(out + identity)
+        let out = conv_bn_act(&self.conv1, &self.bn1, folded, input, None, true);
+        conv_bn_act(&self.conv2, &self.bn2, folded, out, Some(identity), true)
     }
 
     /// Fold each batch norm into the convolution before it, for inference (see
@@ -399,10 +421,9 @@ impl Bottleneck {
             None => input.clone(),
         };
         let folded = self.batchnorm_folded;
-        let out = relu(conv_bn(&self.conv1, &self.bn1, folded, input));
-        let out = relu(conv_bn(&self.conv2, &self.bn2, folded, out));
-        let out = conv_bn(&self.conv3, &self.bn3, folded, out);
-        relu(out + identity)
+        let out = conv_bn_act(&self.conv1, &self.bn1, folded, input, None, true);
+        let out = conv_bn_act(&self.conv2, &self.bn2, folded, out, None, true);
+        conv_bn_act(&self.conv3, &self.bn3, folded, out, Some(identity), true)
     }
 
     /// Fold each batch norm into the convolution before it, for inference (see

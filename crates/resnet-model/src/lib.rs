@@ -23,8 +23,12 @@
 //! ```
 
 mod block;
+#[cfg(feature = "flex")]
+#[allow(unsafe_code)] // raw output pointer shared by work units, and the gemm call
+mod cpu_conv;
 mod error;
 mod layer;
+pub mod ops;
 mod resnet;
 mod summary;
 

@@ -5,10 +5,9 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use crate::block::{BlockKind, ResidualBlock, batch_norm, conv, fold_into_conv};
+use crate::block::{BlockKind, ResidualBlock, batch_norm, conv, conv_bn_act, fold_into_conv};
 use crate::error::ConfigError;
 use crate::layer::{LayerBuilder, make_layer};
 
@@ -344,11 +343,14 @@ impl ResNet {
     /// - `output`: `[batch, 512 * expansion, height / 32, width / 32]` (less downsampling with
     ///   the CIFAR stem or dilation)
     pub fn forward_feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = self.conv1.forward(input);
-        if !self.batchnorm_folded {
-            x = self.bn1.forward(x);
-        }
-        x = relu(x);
+        let mut x = conv_bn_act(
+            &self.conv1,
+            &self.bn1,
+            self.batchnorm_folded,
+            input,
+            None,
+            true,
+        );
         if let Some(maxpool) = &self.maxpool {
             x = maxpool.forward(x);
         }

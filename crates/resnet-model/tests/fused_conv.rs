@@ -1,0 +1,264 @@
+//! resnet-rs's fused CPU convolution (`ops::conv2d_fused` on flex) against Burn's own
+//! convolution, on every convolution shape of every torchvision preset (grouped, wide and
+//! dilated ones included), at the spatial size each one sees for a 224x224 input.
+#![cfg(feature = "flex")]
+
+use burn::module::Param;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Distribution, Tensor};
+use resnet_model::ops::conv2d_fused;
+use resnet_model::{ARCHITECTURES, ResNetConfig, ResidualBlock};
+use std::collections::BTreeMap;
+
+/// Largest difference allowed, relative to the largest output magnitude: both sides sum up
+/// to 4608 products in float32, in different orders.
+const TOLERANCE: f32 = 2e-6;
+
+/// `relu(conv(x) + residual)` with Burn's operations only.
+fn reference(
+    conv: &Conv2d,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    apply_relu: bool,
+) -> Tensor<4> {
+    let mut out = conv.forward(x);
+    if let Some(residual) = residual {
+        out = out + residual;
+    }
+    if apply_relu { relu(out) } else { out }
+}
+
+fn values(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().expect("float32 tensor")
+}
+
+/// Compares the fused convolution with Burn's for `conv` on a `[batch, in, h, w]` input, with
+/// and without a residual and ReLU. Returns the worst relative difference.
+fn check(conv: &Conv2d, batch: usize, h: usize, w: usize, label: &str) -> f32 {
+    let device = Device::flex();
+    let [_, in_per_group, _, _] = conv.weight.val().dims();
+    let x = Tensor::<4>::random(
+        [batch, in_per_group * conv.groups, h, w],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let plain = reference(conv, x.clone(), None, false);
+    let residual = Tensor::random(plain.dims(), Distribution::Normal(0.0, 1.0), &device);
+    let mut worst = 0.0f32;
+    for (residual, apply_relu) in [(None, false), (Some(residual.clone()), true), (None, true)] {
+        let expected = values(reference(conv, x.clone(), residual.clone(), apply_relu));
+        let got = values(conv2d_fused(conv, x.clone(), residual.clone(), apply_relu));
+        assert_eq!(got.len(), expected.len(), "{label}: output size");
+        let scale = expected.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(&expected)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let relative = diff / scale;
+        assert!(
+            relative <= TOLERANCE,
+            "{label} (residual {}, relu {apply_relu}): differs from Burn's conv by {diff} \
+             (largest output {scale})",
+            residual.is_some()
+        );
+        worst = worst.max(relative);
+    }
+    worst
+}
+
+/// Gives `conv` a random bias (the fused kernel adds it; folded models always have one).
+fn with_bias(mut conv: Conv2d) -> Conv2d {
+    let [out_channels, ..] = conv.weight.val().dims();
+    conv.bias = Some(Param::from_tensor(Tensor::random(
+        [out_channels],
+        Distribution::Normal(0.0, 1.0),
+        &Device::flex(),
+    )));
+    conv
+}
+
+fn out_size(conv: &Conv2d, size: usize) -> usize {
+    let pad = match conv.padding {
+        PaddingConfig2d::Explicit(top, ..) => top,
+        _ => 0,
+    };
+    (size + 2 * pad - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) / conv.stride[0] + 1
+}
+
+/// Every distinct convolution of `config`'s network, with the square input size it sees for
+/// a 224x224 image, keyed by its shape.
+fn convolutions(config: &ResNetConfig, into: &mut BTreeMap<String, (Conv2d, usize)>) {
+    let model = config.init(&Device::flex());
+    let mut add = |conv: &Conv2d, size: usize| {
+        let dims = conv.weight.val().dims();
+        let key = format!(
+            "weight {dims:?} stride {:?} dilation {:?} groups {} input {size}x{size}",
+            conv.stride, conv.dilation, conv.groups
+        );
+        into.entry(key).or_insert_with(|| (conv.clone(), size));
+        out_size(conv, size)
+    };
+    let mut size = add(&model.conv1, 224);
+    size = (size + 2 - 3) / 2 + 1; // the 3x3 stride-2 max-pool
+    for block in model.stages().into_iter().flatten() {
+        let next = match block {
+            ResidualBlock::Basic(b) => {
+                let mid = add(&b.conv1, size);
+                add(&b.conv2, mid)
+            }
+            ResidualBlock::Bottleneck(b) => {
+                add(&b.conv1, size);
+                let mid = add(&b.conv2, size);
+                add(&b.conv3, mid)
+            }
+        };
+        let downsample = match block {
+            ResidualBlock::Basic(b) => &b.downsample,
+            ResidualBlock::Bottleneck(b) => &b.downsample,
+        };
+        if let Some(downsample) = downsample {
+            add(&downsample.conv, size);
+        }
+        size = next;
+    }
+}
+
+#[test]
+fn matches_burn_on_every_resnet_convolution() {
+    let mut shapes = BTreeMap::new();
+    for name in ARCHITECTURES {
+        convolutions(&ResNetConfig::from_name(name).expect("preset"), &mut shapes);
+    }
+    // Dilated stages (segmentation backbones): 3x3 convolutions with dilation 2 and 4.
+    convolutions(
+        &ResNetConfig::resnet50().with_replace_stride_with_dilation([false, true, true]),
+        &mut shapes,
+    );
+    let grouped = shapes.values().filter(|(c, _)| c.groups > 1).count();
+    let dilated = shapes.values().filter(|(c, _)| c.dilation[0] > 1).count();
+    assert!(
+        shapes.len() >= 75 && grouped >= 12 && dilated >= 2,
+        "{} shapes, {grouped} grouped, {dilated} dilated",
+        shapes.len()
+    );
+    let mut worst = 0.0f32;
+    for (label, (conv, size)) in &shapes {
+        worst = worst.max(check(&with_bias(conv.clone()), 1, *size, *size, label));
+    }
+    println!(
+        "{} convolution shapes, worst relative difference {worst:.2e}",
+        shapes.len()
+    );
+}
+
+#[test]
+fn matches_burn_on_batches_odd_sizes_and_thread_counts() {
+    let device = Device::flex();
+    let conv = |channels: [usize; 2], kernel: usize, stride: usize, padding: [usize; 4]| {
+        let [top, left, bottom, right] = padding;
+        Conv2dConfig::new(channels, [kernel, kernel])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+            .init(&device)
+    };
+    let cases = [
+        (
+            conv([3, 16], 7, 2, [3, 3, 3, 3]),
+            3,
+            37,
+            29,
+            "stem, batch 3, 37x29",
+        ),
+        (
+            conv([16, 32], 3, 1, [1, 1, 1, 1]),
+            2,
+            31,
+            33,
+            "3x3, batch 2, 31x33",
+        ),
+        (
+            conv([16, 32], 3, 2, [1, 1, 1, 1]),
+            5,
+            9,
+            8,
+            "3x3 stride 2, batch 5",
+        ),
+        (
+            conv([16, 32], 3, 1, [0, 2, 1, 0]),
+            1,
+            12,
+            10,
+            "asymmetric padding",
+        ),
+        (
+            conv([32, 64], 1, 1, [0, 0, 0, 0]),
+            4,
+            7,
+            7,
+            "1x1, batch 4, 7x7",
+        ),
+        (
+            conv([32, 64], 1, 2, [0, 0, 0, 0]),
+            2,
+            15,
+            15,
+            "1x1 stride 2, odd size",
+        ),
+        (
+            conv([64, 96], 1, 1, [0, 0, 0, 0]),
+            1,
+            45,
+            45,
+            "1x1 with pixel blocks",
+        ),
+        (
+            conv([8, 8], 3, 1, [1, 1, 1, 1]),
+            1,
+            1,
+            1,
+            "1x1 image, all padding",
+        ),
+    ];
+    for threads in [1, 3, 8] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("thread pool");
+        pool.install(|| {
+            for (conv, batch, h, w, label) in &cases {
+                check(
+                    &with_bias(conv.clone()),
+                    *batch,
+                    *h,
+                    *w,
+                    &format!("{label}, {threads} threads"),
+                );
+                check(
+                    conv,
+                    *batch,
+                    *h,
+                    *w,
+                    &format!("{label}, no bias, {threads} threads"),
+                );
+            }
+        });
+    }
+}
+
+#[test]
+fn non_flex_and_autodiff_tensors_use_burn() {
+    // On an autodiff device the fused call must be Burn's graph (gradients flow).
+    let device = Device::flex().autodiff();
+    let conv = Conv2dConfig::new([4, 6], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&device);
+    let x =
+        Tensor::<4>::random([2, 4, 5, 5], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let out = conv2d_fused(&conv, x.clone(), None, true);
+    let grads = out.sum().backward();
+    let grad = x.grad(&grads).expect("input gradient");
+    assert_eq!(grad.dims(), [2, 4, 5, 5]);
+    assert!(grad.abs().sum().into_scalar::<f32>() > 0.0);
+}
