@@ -19,6 +19,9 @@ const COLUMN_BUFFER_FLOATS: usize = 256 * 1024;
 /// Blocks of output pixels are multiples of this (the GEMM kernels' column width).
 const PIXEL_ALIGN: usize = 16;
 
+/// Pixel blocks are not split below this many pixels to balance threads.
+const MIN_PIXEL_BLOCK: usize = 24;
+
 /// Output-channel blocks are not split below this many rows.
 const MIN_CHANNEL_BLOCK: usize = 32;
 
@@ -149,18 +152,24 @@ impl Plan {
             channel_block: geo.group_out(),
             channel_blocks: 1,
         };
-        // Enough units to keep every thread busy (and balance uneven ones): split pixels of
-        // pointwise convolutions, then output channels.
-        let wanted = 2 * threads;
-        let units = |plan: &Self| geo.batch * geo.groups * plan.pixel_blocks * plan.channel_blocks;
-        if units(&plan) < wanted && geo.is_pointwise() && pixels >= 2 * 64 {
-            let blocks = wanted.div_ceil(units(&plan)).min(pixels / 64);
-            plan.pixel_block = pixels.div_ceil(blocks).next_multiple_of(PIXEL_ALIGN);
-            plan.pixel_blocks = pixels.div_ceil(plan.pixel_block);
+        // With few images (batch 1 latency), make the unit count a multiple of the thread count
+        // so that no thread idles at the end: more, smaller pixel blocks first (each builds
+        // only its own columns), then blocks of output channels (which share the columns).
+        let outer = geo.batch * geo.groups;
+        if outer < 4 * threads && threads > 1 {
+            let mut blocks = plan.pixel_blocks;
+            while (outer * blocks) % threads != 0 && pixels / (blocks + 1) >= MIN_PIXEL_BLOCK {
+                blocks += 1;
+            }
+            if (outer * blocks) % threads == 0 && blocks != plan.pixel_blocks {
+                plan.pixel_block = pixels.div_ceil(blocks);
+                plan.pixel_blocks = pixels.div_ceil(plan.pixel_block);
+            }
         }
-        if units(&plan) < wanted && geo.group_out() >= 2 * MIN_CHANNEL_BLOCK {
-            let blocks = wanted
-                .div_ceil(units(&plan))
+        let units = outer * plan.pixel_blocks;
+        if units < threads && geo.group_out() >= 2 * MIN_CHANNEL_BLOCK {
+            let blocks = threads
+                .div_ceil(units)
                 .min(geo.group_out() / MIN_CHANNEL_BLOCK);
             plan.channel_block = geo.group_out().div_ceil(blocks).next_multiple_of(8);
             plan.channel_blocks = geo.group_out().div_ceil(plan.channel_block);
@@ -294,7 +303,7 @@ unsafe fn run_unit(
         };
     } else {
         COLUMNS.with_borrow_mut(|columns| {
-            columns.clear();
+            // Every element is written by im2col; only growth needs initializing.
             columns.resize(k * n, 0.0);
             im2col(geo, group_input, block.pixels.clone(), columns);
             unsafe {
@@ -324,6 +333,12 @@ unsafe fn run_unit(
     }
 }
 
+/// `max(v, 0)`, NaN kept (as PyTorch's and Burn's ReLU).
+#[inline]
+fn relu_nan(v: f32) -> f32 {
+    if v < 0.0 { 0.0 } else { v }
+}
+
 /// `dst = act(dst + bias + residual)`.
 #[inline]
 fn epilogue(dst: &mut [f32], bias: f32, residual: Option<&[f32]>, relu: bool) {
@@ -331,9 +346,9 @@ fn epilogue(dst: &mut [f32], bias: f32, residual: Option<&[f32]>, relu: bool) {
         (Some(r), true) => dst
             .iter_mut()
             .zip(r)
-            .for_each(|(d, &r)| *d = (*d + bias + r).max(0.0)),
+            .for_each(|(d, &r)| *d = relu_nan(*d + bias + r)),
         (Some(r), false) => dst.iter_mut().zip(r).for_each(|(d, &r)| *d += bias + r),
-        (None, true) => dst.iter_mut().for_each(|d| *d = (*d + bias).max(0.0)),
+        (None, true) => dst.iter_mut().for_each(|d| *d = relu_nan(*d + bias)),
         (None, false) if bias != 0.0 => dst.iter_mut().for_each(|d| *d += bias),
         (None, false) => {}
     }
@@ -384,7 +399,7 @@ unsafe fn gemm_into(
 }
 
 /// Gather the patches of output pixels `pixels` into `columns` (`patch_len x pixels.len()`,
-/// row-major, zero-filled beforehand): row `(c, ky, kx)` holds input channel `c` at kernel
+/// row-major; every element is written): row `(c, ky, kx)` holds input channel `c` at kernel
 /// offset `(ky, kx)` for every pixel, zero where the patch overhangs the padding.
 fn im2col(
     geo: &Conv2dGeometry,
@@ -423,19 +438,22 @@ fn im2col(
                     let ox1 = geo.out_w.min(ox0 + (pixels.end - p));
                     let iy = (oy * sh + ky * dh) as isize - ph as isize;
                     let seg = &mut dst[p - pixels.start..p - pixels.start + (ox1 - ox0)];
-                    if iy >= 0 && (iy as usize) < geo.in_h && ox_lo < ox_hi {
+                    let inside = iy >= 0 && (iy as usize) < geo.in_h;
+                    let lo = ox_lo.clamp(ox0, ox1);
+                    let hi = ox_hi.clamp(lo, ox1);
+                    if !inside || lo == hi {
+                        seg.fill(0.0);
+                    } else {
                         let src = &channel[iy as usize * geo.in_w..(iy as usize + 1) * geo.in_w];
-                        let lo = ox_lo.max(ox0);
-                        let hi = ox_hi.min(ox1);
-                        if lo < hi {
-                            let first = (lo as isize * sw as isize + x_off) as usize;
-                            let out = &mut seg[lo - ox0..hi - ox0];
-                            if sw == 1 {
-                                out.copy_from_slice(&src[first..first + out.len()]);
-                            } else {
-                                for (i, o) in out.iter_mut().enumerate() {
-                                    *o = src[first + i * sw];
-                                }
+                        seg[..lo - ox0].fill(0.0);
+                        seg[hi - ox0..].fill(0.0);
+                        let first = (lo as isize * sw as isize + x_off) as usize;
+                        let out = &mut seg[lo - ox0..hi - ox0];
+                        if sw == 1 {
+                            out.copy_from_slice(&src[first..first + out.len()]);
+                        } else {
+                            for (i, o) in out.iter_mut().enumerate() {
+                                *o = src[first + i * sw];
                             }
                         }
                     }
@@ -444,4 +462,120 @@ fn im2col(
             }
         }
     }
+}
+
+/// The larger of `a` and `b`, NaN if either is NaN (as PyTorch's max pooling).
+#[inline]
+fn nan_max(a: f32, b: f32) -> f32 {
+    if b > a || b.is_nan() { b } else { a }
+}
+
+/// Shapes and options of one 2D max pooling (floor mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pool2dGeometry {
+    /// Batch times channels: the number of planes.
+    pub planes: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub pad_begin: [usize; 2],
+    pub dilation: [usize; 2],
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl Pool2dGeometry {
+    /// The geometry of a max pooling of `x: [batch, channels, h, w]` with per-side `padding`
+    /// `[(top, bottom), (left, right)]`, or `None` if no window fits or a padding is not
+    /// smaller than its window (then every output would see only padding).
+    pub fn new(
+        x: [usize; 4],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+        dilation: [usize; 2],
+    ) -> Option<Self> {
+        let [batch, channels, in_h, in_w] = x;
+        let out = |dim: usize, input: usize| {
+            let (begin, end) = padding[dim];
+            let span = dilation[dim] * kernel[dim].checked_sub(1)? + 1;
+            let padded = input + begin + end;
+            (padded >= span && stride[dim] > 0 && begin < span && end < span)
+                .then(|| (padded - span) / stride[dim] + 1)
+        };
+        Some(Self {
+            planes: batch * channels,
+            in_h,
+            in_w,
+            kernel,
+            stride,
+            pad_begin: [padding[0].0, padding[1].0],
+            dilation,
+            out_h: out(0, in_h)?,
+            out_w: out(1, in_w)?,
+        })
+    }
+}
+
+/// Max pooling of NCHW planes, padding ignored (as `-inf`), NaN propagated. Output planes of
+/// `out_h x out_w`.
+pub(crate) fn max_pool2d(geo: &Pool2dGeometry, x: &[f32]) -> Vec<f32> {
+    let plane_in = geo.in_h * geo.in_w;
+    let plane_out = geo.out_h * geo.out_w;
+    assert_eq!(x.len(), geo.planes * plane_in, "max_pool2d input length");
+    let mut out = vec![0.0f32; geo.planes * plane_out];
+    if plane_out == 0 {
+        return out;
+    }
+    let pool_plane = |(input, output): (&[f32], &mut [f32])| {
+        // Vertical maximum of the window's rows, then the horizontal one over that row.
+        let mut rows = vec![0.0f32; geo.in_w];
+        for (oy, out_row) in output.chunks_exact_mut(geo.out_w).enumerate() {
+            let mut first = true;
+            for ky in 0..geo.kernel[0] {
+                let iy = (oy * geo.stride[0] + ky * geo.dilation[0]) as isize
+                    - geo.pad_begin[0] as isize;
+                if iy < 0 || iy as usize >= geo.in_h {
+                    continue;
+                }
+                let row = &input[iy as usize * geo.in_w..][..geo.in_w];
+                if first {
+                    rows.copy_from_slice(row);
+                    first = false;
+                } else {
+                    rows.iter_mut()
+                        .zip(row)
+                        .for_each(|(m, &v)| *m = nan_max(*m, v));
+                }
+            }
+            if first {
+                // Every row of this window falls into the padding (possible with dilation).
+                rows.fill(f32::NEG_INFINITY);
+            }
+            for (ox, o) in out_row.iter_mut().enumerate() {
+                let mut acc = f32::NEG_INFINITY;
+                for kx in 0..geo.kernel[1] {
+                    let ix = (ox * geo.stride[1] + kx * geo.dilation[1]) as isize
+                        - geo.pad_begin[1] as isize;
+                    if ix >= 0 && (ix as usize) < geo.in_w {
+                        acc = nan_max(acc, rows[ix as usize]);
+                    }
+                }
+                *o = acc;
+            }
+        }
+    };
+    let pairs = x
+        .chunks_exact(plane_in)
+        .zip(out.chunks_exact_mut(plane_out));
+    if geo.planes * plane_in < 1 << 14 || rayon::current_num_threads() == 1 {
+        pairs.for_each(pool_plane);
+    } else {
+        x.par_chunks_exact(plane_in)
+            .zip(out.par_chunks_exact_mut(plane_out))
+            .with_min_len(4)
+            .for_each(pool_plane);
+    }
+    out
 }

@@ -10,6 +10,7 @@ use burn::tensor::{Device, Tensor};
 use crate::block::{BlockKind, ResidualBlock, batch_norm, conv, conv_bn_act, fold_into_conv};
 use crate::error::ConfigError;
 use crate::layer::{LayerBuilder, make_layer};
+use crate::ops;
 
 /// Everything that defines a ResNet-family architecture; torchvision's `ResNet.__init__`
 /// arguments plus a CIFAR stem. Serializable: it is saved next to every model record.
@@ -352,7 +353,7 @@ impl ResNet {
             true,
         );
         if let Some(maxpool) = &self.maxpool {
-            x = maxpool.forward(x);
+            x = ops::max_pool2d(maxpool, x);
         }
         for block in self.stages().into_iter().flatten() {
             x = block.forward(x);

@@ -1,14 +1,16 @@
-//! resnet-rs's fused CPU convolution (`ops::conv2d_fused` on flex) against Burn's own
-//! convolution, on every convolution shape of every torchvision preset (grouped, wide and
-//! dilated ones included), at the spatial size each one sees for a 224x224 input.
+//! resnet-rs's CPU kernels (`ops::conv2d_fused` and `ops::max_pool2d` on flex) against Burn's
+//! own operations: the convolution on every convolution shape of every torchvision preset
+//! (grouped, wide and dilated ones included) at the spatial size each one sees for a 224x224
+//! input, then batches, odd sizes, asymmetric padding, thread counts, and NaN inputs.
 #![cfg(feature = "flex")]
 
 use burn::module::Param;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
-use resnet_model::ops::conv2d_fused;
+use resnet_model::ops::{conv2d_fused, max_pool2d};
 use resnet_model::{ARCHITECTURES, ResNetConfig, ResidualBlock};
 use std::collections::BTreeMap;
 
@@ -261,4 +263,89 @@ fn non_flex_and_autodiff_tensors_use_burn() {
     let grad = x.grad(&grads).expect("input gradient");
     assert_eq!(grad.dims(), [2, 4, 5, 5]);
     assert!(grad.abs().sum().into_scalar::<f32>() > 0.0);
+}
+
+/// Values equal, NaN where the other has NaN.
+fn assert_same(got: &[f32], expected: &[f32], label: &str) {
+    assert_eq!(got.len(), expected.len(), "{label}: output size");
+    for (i, (a, b)) in got.iter().zip(expected).enumerate() {
+        assert!(
+            a == b || (a.is_nan() && b.is_nan()),
+            "{label}: element {i} is {a}, Burn says {b}"
+        );
+    }
+}
+
+#[test]
+fn max_pool_matches_burn() {
+    let device = Device::flex();
+    let pool = |kernel: usize, stride: usize, padding: [usize; 4], dilation: usize| {
+        let [top, left, bottom, right] = padding;
+        MaxPool2dConfig::new([kernel, kernel])
+            .with_strides([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+            .with_dilation([dilation, dilation])
+            .init()
+    };
+    let cases: [(MaxPool2d, [usize; 4], &str); 6] = [
+        (
+            pool(3, 2, [1, 1, 1, 1], 1),
+            [2, 64, 112, 112],
+            "ResNet stem pool",
+        ),
+        (pool(3, 2, [1, 1, 1, 1], 1), [1, 3, 17, 10], "odd sizes"),
+        (pool(3, 1, [1, 1, 1, 1], 1), [3, 4, 9, 9], "stride 1"),
+        (pool(2, 2, [0, 0, 0, 0], 1), [1, 5, 8, 7], "2x2 no padding"),
+        (
+            pool(3, 2, [1, 0, 0, 1], 1),
+            [1, 2, 8, 8],
+            "asymmetric padding",
+        ),
+        (pool(3, 1, [2, 2, 2, 2], 2), [1, 2, 7, 6], "dilation 2"),
+    ];
+    for (pool, shape, label) in &cases {
+        let x = Tensor::<4>::random(*shape, Distribution::Normal(0.0, 1.0), &device);
+        let expected = values(pool.forward(x.clone()));
+        assert_same(&values(max_pool2d(pool, x)), &expected, label);
+    }
+}
+
+#[test]
+fn nan_inputs_give_nan_outputs() {
+    let device = Device::flex();
+    let mut input = vec![1.0f32; 2 * 8 * 8];
+    input[8 * 8 + 3 * 8 + 4] = f32::NAN; // second channel, row 3, column 4
+    let x = Tensor::<1>::from_floats(input.as_slice(), &device).reshape([1, 2, 8, 8]);
+
+    let pool = MaxPool2dConfig::new([3, 3])
+        .with_strides([2, 2])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init();
+    let pooled = values(max_pool2d(&pool, x.clone()));
+    assert_same(
+        &pooled,
+        &values(pool.forward(x.clone())),
+        "max pool with a NaN",
+    );
+    assert!(
+        pooled.iter().any(|v| v.is_nan()),
+        "max pooling dropped the NaN"
+    );
+
+    // A NaN reaching a fused convolution with ReLU stays NaN, as with Burn's ReLU.
+    let conv = with_bias(
+        Conv2dConfig::new([2, 3], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device),
+    );
+    let fused = values(conv2d_fused(&conv, x.clone(), None, true));
+    assert_same(
+        &fused,
+        &values(reference(&conv, x, None, true)),
+        "conv + ReLU with a NaN",
+    );
+    assert!(
+        fused.iter().any(|v| v.is_nan()),
+        "the fused ReLU dropped the NaN"
+    );
 }
