@@ -413,6 +413,9 @@ fn im2col(
     let [dh, dw] = geo.dilation;
     let [ph, pw] = geo.pad_begin;
     let plane = geo.in_h * geo.in_w;
+    if [sh, sw] == [1, 1] && geo.out_w == geo.in_w {
+        return im2col_unstrided(geo, input, pixels, columns);
+    }
     for c in 0..geo.group_in() {
         let channel = &input[c * plane..(c + 1) * plane];
         for ky in 0..kh {
@@ -578,4 +581,63 @@ pub(crate) fn max_pool2d(geo: &Pool2dGeometry, x: &[f32]) -> Vec<f32> {
             .for_each(pool_plane);
     }
     out
+}
+
+/// [`im2col`] for stride 1 with the output as wide as the input (the "same" 3x3 convolutions):
+/// pixel `p` of a row reads input element `p + shift` of its channel, so each row is one copy,
+/// then zeros where the patch overhangs the left or right padding.
+fn im2col_unstrided(
+    geo: &Conv2dGeometry,
+    input: &[f32],
+    pixels: std::ops::Range<usize>,
+    columns: &mut [f32],
+) {
+    let n = pixels.len();
+    let w = geo.in_w;
+    let [kh, kw] = geo.kernel;
+    let [dh, dw] = geo.dilation;
+    let [ph, pw] = geo.pad_begin;
+    let plane = geo.in_h * w;
+    // Output rows the block touches: `first_row` and the rows after it, while `< last_row`.
+    let first_row = pixels.start / w;
+    let last_row = pixels.end.div_ceil(w);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let x_off = (kx * dw) as isize - pw as isize;
+            let shift = (ky * dh) as isize * w as isize - (ph * w) as isize + x_off;
+            // Block positions whose source index lies inside the plane.
+            let start = pixels.start as isize + shift;
+            let lo = (-start).clamp(0, n as isize) as usize;
+            let hi = (plane as isize - start).clamp(lo as isize, n as isize) as usize;
+            // Output columns whose input column overhangs the left or right edge.
+            let left = x_off.clamp(-(w as isize), 0).unsigned_abs();
+            let right = x_off.clamp(0, w as isize) as usize;
+            for c in 0..geo.group_in() {
+                let row = (c * kh + ky) * kw + kx;
+                let dst = &mut columns[row * n..(row + 1) * n];
+                let channel = &input[c * plane..(c + 1) * plane];
+                dst[..lo].fill(0.0);
+                dst[hi..].fill(0.0);
+                if lo < hi {
+                    let src = (start + lo as isize) as usize;
+                    dst[lo..hi].copy_from_slice(&channel[src..src + (hi - lo)]);
+                }
+                if left == 0 && right == 0 {
+                    continue;
+                }
+                for oy in first_row..last_row {
+                    let row_start = oy * w;
+                    let zero = |range: std::ops::Range<usize>, dst: &mut [f32]| {
+                        let a = range.start.max(pixels.start);
+                        let b = range.end.min(pixels.end);
+                        if a < b {
+                            dst[a - pixels.start..b - pixels.start].fill(0.0);
+                        }
+                    };
+                    zero(row_start..row_start + left, dst);
+                    zero(row_start + w - right..row_start + w, dst);
+                }
+            }
+        }
+    }
 }
