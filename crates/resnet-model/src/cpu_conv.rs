@@ -1,12 +1,17 @@
-//! The CPU convolution behind [`crate::ops::conv2d_fused`] on the flex backend.
+//! resnet-rs's CPU kernels behind [`crate::ops`] on the flex backend: convolution (forward,
+//! and the input and weight gradients for training) and max pooling.
 //!
 //! NCHW in, NCHW out, float32. Each convolution is cut into independent work units (image,
-//! group, block of output channels, block of output pixels); a unit gathers its input patches
-//! into a column matrix (im2col, skipped for unstrided 1x1 convolutions, whose input already is
-//! one), multiplies it by the weights with a single-threaded GEMM straight into the output
-//! tensor, then adds the bias and the residual and applies the ReLU while the block is still in
-//! cache. Units run on rayon's pool (the one flex uses), so both cores stay busy at batch 1 too,
-//! where Burn's own kernel leaves the small late layers to one thread.
+//! group, block of output channels, block of output pixels; or, for small images, runs of
+//! several images side by side); a unit gathers its input patches into a column matrix (im2col,
+//! skipped for unstrided 1x1 convolutions, whose input already is one), multiplies it by the
+//! weights with a single-threaded GEMM (the `gemm` crate, AVX2 or AVX-512 picked at run time)
+//! straight into the output tensor, then adds the bias and the residual and applies the ReLU
+//! while the block is still in cache. Units run on rayon's pool (the one flex uses), so both
+//! cores stay busy at batch 1 too, where Burn's own kernel leaves the small late layers to one
+//! thread. The backward passes reuse the same pieces: `W^T * dY` then col2im for the input
+//! gradient, `dY * columns^T` summed over fixed parts of the batch for the weight gradient (so
+//! that no result depends on the thread count).
 
 use burn::tensor::ops::ConvOptions;
 use rayon::prelude::*;
@@ -19,8 +24,18 @@ const COLUMN_BUFFER_FLOATS: usize = 256 * 1024;
 /// Blocks of output pixels are multiples of this (the GEMM kernels' column width).
 const PIXEL_ALIGN: usize = 16;
 
+/// With few images, a convolution is cut into a multiple of this many work units, so that 1, 2
+/// or 4 threads share them evenly. A constant rather than the thread count: the blocking
+/// decides the GEMMs' summation order, and results must not depend on the thread count.
+const BALANCED_UNITS: usize = 4;
+
 /// Pixel blocks are not split below this many pixels to balance threads.
 const MIN_PIXEL_BLOCK: usize = 24;
+
+/// Images with fewer output pixels than half this are batched side by side into one GEMM of
+/// at least this many columns (training at 32x32 reaches 4x4 maps, where one image per GEMM
+/// would repack the weights for 16 columns).
+const MIN_BATCHED_COLUMNS: usize = 256;
 
 /// Output-channel blocks are not split below this many rows.
 const MIN_CHANNEL_BLOCK: usize = 32;
@@ -138,7 +153,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(geo: &Conv2dGeometry, threads: usize) -> Self {
+    fn new(geo: &Conv2dGeometry) -> Self {
+        let threads = BALANCED_UNITS;
         let pixels = geo.out_h * geo.out_w;
         let pixel_block = if geo.is_pointwise() {
             pixels
@@ -152,11 +168,11 @@ impl Plan {
             channel_block: geo.group_out(),
             channel_blocks: 1,
         };
-        // With few images (batch 1 latency), make the unit count a multiple of the thread count
+        // With few images (batch 1 latency), make the unit count a multiple of BALANCED_UNITS
         // so that no thread idles at the end: more, smaller pixel blocks first (each builds
         // only its own columns), then blocks of output channels (which share the columns).
         let outer = geo.batch * geo.groups;
-        if outer < 4 * threads && threads > 1 {
+        if outer < 4 * threads {
             let mut blocks = plan.pixel_blocks;
             while (outer * blocks) % threads != 0 && pixels / (blocks + 1) >= MIN_PIXEL_BLOCK {
                 blocks += 1;
@@ -216,7 +232,26 @@ pub(crate) fn conv2d(
         assert_eq!(residual.len(), geo.output_len(), "conv2d residual length");
     }
     let mut out = vec![0.0f32; geo.output_len()];
-    let plan = Plan::new(geo, rayon::current_num_threads());
+    let pixels = geo.out_h * geo.out_w;
+    let images_per_unit = if pixels == 0 {
+        1
+    } else {
+        (MIN_BATCHED_COLUMNS / pixels).min(geo.batch)
+    };
+    if images_per_unit > 1 && !out.is_empty() {
+        conv2d_image_runs(
+            geo,
+            images_per_unit,
+            x,
+            weight,
+            bias,
+            residual,
+            relu,
+            &mut out,
+        );
+        return out;
+    }
+    let plan = Plan::new(geo);
     let shared = SharedOut(out.as_mut_ptr());
     let run = |unit: usize| {
         let shared = shared;
@@ -305,7 +340,7 @@ unsafe fn run_unit(
         COLUMNS.with_borrow_mut(|columns| {
             // Every element is written by im2col; only growth needs initializing.
             columns.resize(k * n, 0.0);
-            im2col(geo, group_input, block.pixels.clone(), columns);
+            im2col(geo, group_input, block.pixels.clone(), columns, n, 0);
             unsafe {
                 gemm_into(
                     out.add(out_offset + block.pixels.start),
@@ -398,14 +433,17 @@ unsafe fn gemm_into(
     }
 }
 
-/// Gather the patches of output pixels `pixels` into `columns` (`patch_len x pixels.len()`,
-/// row-major; every element is written): row `(c, ky, kx)` holds input channel `c` at kernel
-/// offset `(ky, kx)` for every pixel, zero where the patch overhangs the padding.
+/// Gather the patches of output pixels `pixels` into `columns`, a `patch_len`-row matrix with
+/// rows `row_stride` apart, from column `offset` on (every element of that range is written):
+/// row `(c, ky, kx)` holds input channel `c` at kernel offset `(ky, kx)` for every pixel, zero
+/// where the patch overhangs the padding.
 fn im2col(
     geo: &Conv2dGeometry,
     input: &[f32],
     pixels: std::ops::Range<usize>,
     columns: &mut [f32],
+    row_stride: usize,
+    offset: usize,
 ) {
     let n = pixels.len();
     let [kh, kw] = geo.kernel;
@@ -414,14 +452,14 @@ fn im2col(
     let [ph, pw] = geo.pad_begin;
     let plane = geo.in_h * geo.in_w;
     if [sh, sw] == [1, 1] && geo.out_w == geo.in_w {
-        return im2col_unstrided(geo, input, pixels, columns);
+        return im2col_unstrided(geo, input, pixels, columns, row_stride, offset);
     }
     for c in 0..geo.group_in() {
         let channel = &input[c * plane..(c + 1) * plane];
         for ky in 0..kh {
             for kx in 0..kw {
                 let row = (c * kh + ky) * kw + kx;
-                let dst = &mut columns[row * n..(row + 1) * n];
+                let dst = &mut columns[row * row_stride + offset..][..n];
                 let x_off = (kx * dw) as isize - pw as isize;
                 // Output columns whose input column lies inside the image.
                 let ox_lo = if x_off >= 0 {
@@ -591,6 +629,8 @@ fn im2col_unstrided(
     input: &[f32],
     pixels: std::ops::Range<usize>,
     columns: &mut [f32],
+    row_stride: usize,
+    offset: usize,
 ) {
     let n = pixels.len();
     let w = geo.in_w;
@@ -614,7 +654,7 @@ fn im2col_unstrided(
             let right = x_off.clamp(0, w as isize) as usize;
             for c in 0..geo.group_in() {
                 let row = (c * kh + ky) * kw + kx;
-                let dst = &mut columns[row * n..(row + 1) * n];
+                let dst = &mut columns[row * row_stride + offset..][..n];
                 let channel = &input[c * plane..(c + 1) * plane];
                 dst[..lo].fill(0.0);
                 dst[hi..].fill(0.0);
@@ -639,5 +679,414 @@ fn im2col_unstrided(
                 }
             }
         }
+    }
+}
+
+/// Add `columns` (laid out as [`im2col`] builds them: rows `row_stride` apart, this range's
+/// pixels from column `offset` on) back onto the input positions they were gathered from, in
+/// `dx` (the group's input channels of one image): the adjoint of im2col, for the input
+/// gradient.
+fn col2im_add(
+    geo: &Conv2dGeometry,
+    dx: &mut [f32],
+    pixels: std::ops::Range<usize>,
+    columns: &[f32],
+    row_stride: usize,
+    offset: usize,
+) {
+    let n = pixels.len();
+    let [kh, kw] = geo.kernel;
+    let [sh, sw] = geo.stride;
+    let [dh, dw] = geo.dilation;
+    let [ph, pw] = geo.pad_begin;
+    let plane = geo.in_h * geo.in_w;
+    for c in 0..geo.group_in() {
+        let channel = &mut dx[c * plane..(c + 1) * plane];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let row = (c * kh + ky) * kw + kx;
+                let src = &columns[row * row_stride + offset..][..n];
+                let x_off = (kx * dw) as isize - pw as isize;
+                let ox_lo = if x_off >= 0 {
+                    0
+                } else {
+                    (-x_off as usize).div_ceil(sw)
+                };
+                let ox_hi = if (geo.in_w as isize) > x_off {
+                    (((geo.in_w as isize - x_off) as usize).div_ceil(sw)).min(geo.out_w)
+                } else {
+                    0
+                };
+                let mut p = pixels.start;
+                while p < pixels.end {
+                    let oy = p / geo.out_w;
+                    let ox0 = p % geo.out_w;
+                    let ox1 = geo.out_w.min(ox0 + (pixels.end - p));
+                    let iy = (oy * sh + ky * dh) as isize - ph as isize;
+                    let lo = ox_lo.clamp(ox0, ox1);
+                    let hi = ox_hi.clamp(lo, ox1);
+                    if iy >= 0 && (iy as usize) < geo.in_h && lo < hi {
+                        let row =
+                            &mut channel[iy as usize * geo.in_w..(iy as usize + 1) * geo.in_w];
+                        let first = (lo as isize * sw as isize + x_off) as usize;
+                        let seg =
+                            &src[p - pixels.start + (lo - ox0)..p - pixels.start + (hi - ox0)];
+                        if sw == 1 {
+                            row[first..first + seg.len()]
+                                .iter_mut()
+                                .zip(seg)
+                                .for_each(|(d, &v)| *d += v);
+                        } else {
+                            for (i, &v) in seg.iter().enumerate() {
+                                row[first + i * sw] += v;
+                            }
+                        }
+                    }
+                    p += ox1 - ox0;
+                }
+            }
+        }
+    }
+}
+
+/// A matrix operand: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+impl Mat {
+    fn row_major(data: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn transposed(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) (+)= lhs (m x k) * rhs (k x n)`, single-threaded.
+///
+/// # Safety
+/// `lhs` and `rhs` must be valid for reads of every element their strides address for these
+/// sizes; `dst` for writes of `m` rows of `n` floats `dst_rs` apart, not aliased.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_mat(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Pixels per column block of a backward pass: the column buffer stays about 1 MiB, but the
+/// GEMMs get at least [`MIN_BATCHED_COLUMNS`] columns (several small images per block).
+fn backward_block(geo: &Conv2dGeometry) -> usize {
+    (COLUMN_BUFFER_FLOATS / geo.patch_len()).max(MIN_BATCHED_COLUMNS)
+}
+
+/// Gradient of `conv2d(x, weight)` (no bias) with respect to `x`, given the output gradient
+/// `grad` (NCHW, the output's shape).
+///
+/// Work units are runs of whole images (one image, cut into pixel blocks, when images are
+/// large; several per block when they are small, so that each GEMM has enough columns); each
+/// unit owns its images' part of the result, so the result does not depend on the thread count.
+pub(crate) fn conv2d_backward_input(
+    geo: &Conv2dGeometry,
+    weight: &[f32],
+    grad: &[f32],
+) -> Vec<f32> {
+    assert_eq!(weight.len(), geo.weight_len(), "conv2d weight length");
+    assert_eq!(grad.len(), geo.output_len(), "conv2d gradient length");
+    let mut dx = vec![0.0f32; geo.input_len()];
+    let plane_in = geo.in_h * geo.in_w;
+    let pixels = geo.out_h * geo.out_w;
+    let (m, k) = (geo.group_out(), geo.patch_len());
+    let image_len = geo.in_channels * plane_in;
+    if image_len == 0 || pixels == 0 {
+        return dx;
+    }
+    let block = backward_block(geo);
+    let images_per_unit = (block / pixels).max(1);
+    let run = |(unit, dx_unit): (usize, &mut [f32])| {
+        let first = unit * images_per_unit;
+        let count = dx_unit.len() / image_len;
+        let mut dy_buf = Vec::new();
+        COLUMNS.with_borrow_mut(|columns| {
+            for group in 0..geo.groups {
+                // W_g^T: k x m.
+                let w_t = Mat::row_major(&weight[group * m * k..][..m * k], k).transposed();
+                let dy_of = |image: usize| {
+                    &grad[(image * geo.out_channels + group * m) * pixels..][..m * pixels]
+                };
+                let dx_of = |i: usize| -> std::ops::Range<usize> {
+                    let start = i * image_len + group * geo.group_in() * plane_in;
+                    start..start + geo.group_in() * plane_in
+                };
+                if count == 1 {
+                    let dy = dy_of(first);
+                    let dx_g = &mut dx_unit[dx_of(0)];
+                    if geo.is_pointwise() {
+                        // SAFETY: w_t is k x m inside `weight`; dy is m x pixels; dx_g is
+                        // k x pixels (k = group_in for 1x1) and exclusively ours.
+                        unsafe {
+                            gemm_mat(
+                                k,
+                                pixels,
+                                m,
+                                dx_g.as_mut_ptr(),
+                                pixels,
+                                false,
+                                w_t,
+                                Mat::row_major(dy, pixels),
+                            )
+                        };
+                        continue;
+                    }
+                    for p0 in (0..pixels).step_by(block) {
+                        let p1 = (p0 + block).min(pixels);
+                        let n = p1 - p0;
+                        columns.resize(k * n, 0.0);
+                        let dy_block = Mat {
+                            ptr: dy[p0..].as_ptr(),
+                            rs: pixels,
+                            cs: 1,
+                        };
+                        // SAFETY: columns holds k x n; dy_block is m x n inside dy.
+                        unsafe { gemm_mat(k, n, m, columns.as_mut_ptr(), n, false, w_t, dy_block) };
+                        col2im_add(geo, dx_g, p0..p1, columns, n, 0);
+                    }
+                    continue;
+                }
+                // Several small images: their output gradients side by side, one GEMM.
+                let n = count * pixels;
+                dy_buf.resize(m * n, 0.0);
+                for i in 0..count {
+                    let dy = dy_of(first + i);
+                    for row in 0..m {
+                        dy_buf[row * n + i * pixels..][..pixels]
+                            .copy_from_slice(&dy[row * pixels..(row + 1) * pixels]);
+                    }
+                }
+                columns.resize(k * n, 0.0);
+                // SAFETY: columns holds k x n; dy_buf is m x n.
+                unsafe {
+                    gemm_mat(
+                        k,
+                        n,
+                        m,
+                        columns.as_mut_ptr(),
+                        n,
+                        false,
+                        w_t,
+                        Mat::row_major(&dy_buf, n),
+                    )
+                };
+                for i in 0..count {
+                    let range = dx_of(i);
+                    col2im_add(geo, &mut dx_unit[range], 0..pixels, columns, n, i * pixels);
+                }
+            }
+        });
+    };
+    let chunk = images_per_unit * image_len;
+    if geo.batch <= images_per_unit || rayon::current_num_threads() == 1 {
+        dx.chunks_mut(chunk).enumerate().for_each(run);
+    } else {
+        dx.par_chunks_mut(chunk).enumerate().for_each(run);
+    }
+    dx
+}
+
+/// Gradient of `conv2d(x, weight)` (no bias) with respect to `weight`, given the output
+/// gradient `grad`.
+///
+/// The pixels of all images form one axis, cut into column blocks (several images per block
+/// when the images are small, so that each GEMM has some depth); the blocks are split into a
+/// fixed number of parts summed in parallel, then in order, so the result does not depend on
+/// the thread count.
+pub(crate) fn conv2d_backward_weight(geo: &Conv2dGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    const PARTS: usize = 4;
+    assert_eq!(x.len(), geo.input_len(), "conv2d input length");
+    assert_eq!(grad.len(), geo.output_len(), "conv2d gradient length");
+    let (m, k) = (geo.group_out(), geo.patch_len());
+    let pixels = geo.out_h * geo.out_w;
+    let total = geo.batch * pixels;
+    let weight_len = geo.weight_len();
+    if total == 0 || weight_len == 0 {
+        return vec![0.0; weight_len];
+    }
+    let block = backward_block(geo);
+    let blocks = total.div_ceil(block);
+    let parts = blocks.min(PARTS);
+    let plane_in = geo.in_h * geo.in_w;
+    let part = |part: usize| -> Vec<f32> {
+        let mut dw = vec![0.0f32; weight_len];
+        let mut dy_buf = Vec::new();
+        COLUMNS.with_borrow_mut(|columns| {
+            for b in (part * blocks / parts)..((part + 1) * blocks / parts) {
+                let t0 = b * block;
+                let t1 = (t0 + block).min(total);
+                let n = t1 - t0;
+                columns.resize(k * n, 0.0);
+                dy_buf.resize(m * n, 0.0);
+                for group in 0..geo.groups {
+                    // Gather this block's patches and output gradients, image by image.
+                    let mut t = t0;
+                    while t < t1 {
+                        let image = t / pixels;
+                        let p0 = t - image * pixels;
+                        let p1 = (t1 - image * pixels).min(pixels);
+                        let input = &x
+                            [(image * geo.in_channels + group * geo.group_in()) * plane_in..]
+                            [..geo.group_in() * plane_in];
+                        im2col(geo, input, p0..p1, columns, n, t - t0);
+                        let dy =
+                            &grad[(image * geo.out_channels + group * m) * pixels..][..m * pixels];
+                        for row in 0..m {
+                            dy_buf[row * n + (t - t0)..][..p1 - p0]
+                                .copy_from_slice(&dy[row * pixels + p0..row * pixels + p1]);
+                        }
+                        t += p1 - p0;
+                    }
+                    // dW_g (m x k) += dY (m x n) * columns^T (n x k).
+                    let cols_t = Mat::row_major(&columns[..k * n], n).transposed();
+                    // SAFETY: dw's group block is m x k; dy_buf m x n; cols_t n x k.
+                    unsafe {
+                        gemm_mat(
+                            m,
+                            k,
+                            n,
+                            dw[group * m * k..].as_mut_ptr(),
+                            k,
+                            true,
+                            Mat::row_major(&dy_buf, n),
+                            cols_t,
+                        )
+                    };
+                }
+            }
+        });
+        dw
+    };
+    let partials: Vec<Vec<f32>> = if parts == 1 || rayon::current_num_threads() == 1 {
+        (0..parts).map(part).collect()
+    } else {
+        (0..parts).into_par_iter().map(part).collect()
+    };
+    let mut partials = partials.into_iter();
+    let mut dw = partials.next().unwrap_or_else(|| vec![0.0; weight_len]);
+    for partial in partials {
+        dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
+    }
+    dw
+}
+
+/// [`conv2d`] for small images: each work unit takes a run of `images_per_unit` images, gathers
+/// their patches side by side and multiplies them by each group's weights in one GEMM, then
+/// scatters the result to the images with the bias, residual and ReLU.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_image_runs(
+    geo: &Conv2dGeometry,
+    images_per_unit: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    relu: bool,
+    out: &mut [f32],
+) {
+    let pixels = geo.out_h * geo.out_w;
+    let plane_in = geo.in_h * geo.in_w;
+    let (m, k) = (geo.group_out(), geo.patch_len());
+    let image_out = geo.out_channels * pixels;
+    let run = |(unit, out_run): (usize, &mut [f32])| {
+        let first = unit * images_per_unit;
+        let count = out_run.len() / image_out;
+        let n = count * pixels;
+        let mut product = vec![0.0f32; m * n];
+        COLUMNS.with_borrow_mut(|columns| {
+            columns.resize(k * n, 0.0);
+            for group in 0..geo.groups {
+                for i in 0..count {
+                    let start = ((first + i) * geo.in_channels + group * geo.group_in()) * plane_in;
+                    let input = &x[start..start + geo.group_in() * plane_in];
+                    im2col(geo, input, 0..pixels, columns, n, i * pixels);
+                }
+                let lhs = Mat::row_major(&weight[group * m * k..][..m * k], k);
+                // SAFETY: product is m x n; lhs m x k; columns k x n.
+                unsafe {
+                    gemm_mat(
+                        m,
+                        n,
+                        k,
+                        product.as_mut_ptr(),
+                        n,
+                        false,
+                        lhs,
+                        Mat::row_major(&columns[..k * n], n),
+                    )
+                };
+                for i in 0..count {
+                    for row in 0..m {
+                        let channel = group * m + row;
+                        let local = i * image_out + channel * pixels;
+                        let dst = &mut out_run[local..local + pixels];
+                        dst.copy_from_slice(&product[row * n + i * pixels..][..pixels]);
+                        let global = first * image_out + local;
+                        epilogue(
+                            dst,
+                            bias.map_or(0.0, |b| b[channel]),
+                            residual.map(|r| &r[global..global + pixels]),
+                            relu,
+                        );
+                    }
+                }
+            }
+        });
+    };
+    let chunk = images_per_unit * image_out;
+    if geo.batch <= images_per_unit || rayon::current_num_threads() == 1 {
+        out.chunks_mut(chunk).enumerate().for_each(run);
+    } else {
+        out.par_chunks_mut(chunk).enumerate().for_each(run);
     }
 }

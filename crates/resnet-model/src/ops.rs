@@ -1,10 +1,13 @@
 //! Fused operations the blocks are built from: a convolution with its bias, an optional
 //! residual and an optional ReLU in one call.
 //!
-//! On the flex backend (float32, no autodiff) [`conv2d_fused`] runs resnet-rs's own CPU
-//! convolution, plugged into Burn through its backend-extension mechanism
-//! ([`ResNetKernels`]); everywhere else, and for training, it is exactly
-//! `relu(conv.forward(x) + residual)` with Burn's operations. The choice follows the tensors'
+//! On the flex backend (float32) [`conv2d_fused`] and [`max_pool2d`] run resnet-rs's own CPU
+//! kernels, plugged into Burn through its backend-extension mechanism ([`ResNetKernels`]):
+//! im2col plus a single-threaded GEMM per work unit, the bias, residual and ReLU applied while
+//! the block is in cache. Under autodiff (training) a plain convolution runs them forward and
+//! backward (input and weight gradients); a convolution with bias, residual or ReLU is composed
+//! from Burn's differentiable operations. On every other backend both are exactly Burn's
+//! `relu(conv.forward(x) + residual)` and `pool.forward(x)`. The choice follows the tensors'
 //! device: the model code is the same for every backend.
 
 use burn::nn::PaddingConfig2d;
@@ -96,6 +99,15 @@ pub use flex::{OptionalTensor, ResNetKernels};
 mod flex {
     use super::{conv_options, explicit_padding, fast_kernels};
     use crate::cpu_conv::{self, Conv2dGeometry, Pool2dGeometry};
+    #[cfg(feature = "autodiff")]
+    use burn::backend::autodiff::{
+        Autodiff, NodeId,
+        checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+        grads::Gradients,
+        ops::{Backward, Ops, OpsKind},
+    };
+    #[cfg(feature = "autodiff")]
+    use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{
         Backend, Dispatch, DispatchDevice, ExtensionType, Flex, backend_extension,
@@ -129,7 +141,7 @@ mod flex {
     /// Implemented for flex (resnet-rs's CPU kernels). Call them through
     /// [`conv2d_fused`](super::conv2d_fused) and [`max_pool2d`](super::max_pool2d), which route
     /// other backends and autodiff to Burn's operations.
-    #[backend_extension(Flex)]
+    #[backend_extension(Flex, Autodiff: cfg(feature = "autodiff"))]
     pub trait ResNetKernels: Backend {
         /// `x: [batch, in, h, w]`, `weight: [out, in / groups, kh, kw]`, `bias: [out]`,
         /// `residual`: the output's shape. Float32, contiguous or not.
@@ -150,6 +162,24 @@ mod flex {
             stride: [usize; 2],
             padding: [(usize, usize); 2],
             dilation: [usize; 2],
+        ) -> FloatTensor<Self>;
+
+        /// Gradient of `conv2d(x, weight)` (no bias) with respect to `x`, given the gradient
+        /// `grad` of its output.
+        fn conv2d_backward_input(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            options: ConvOptions<2>,
+        ) -> FloatTensor<Self>;
+
+        /// Gradient of `conv2d(x, weight)` (no bias) with respect to `weight`, given the
+        /// gradient `grad` of its output.
+        fn conv2d_backward_weight(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            options: ConvOptions<2>,
         ) -> FloatTensor<Self>;
     }
 
@@ -196,6 +226,153 @@ mod flex {
                 [batch, channels, geo.out_h, geo.out_w],
             )
         }
+
+        fn conv2d_backward_input(
+            x: FlexTensor,
+            weight: FlexTensor,
+            grad: FlexTensor,
+            options: ConvOptions<2>,
+        ) -> FlexTensor {
+            let (weight, grad) = (weight.to_contiguous(), grad.to_contiguous());
+            let x_shape = dims4(&x);
+            let geo = Conv2dGeometry::new(x_shape, dims4(&weight), &options)
+                .expect("conv2d_backward_input: shapes checked by the forward pass");
+            let dx = cpu_conv::conv2d_backward_input(&geo, weight.storage(), grad.storage());
+            float32(dx, x_shape)
+        }
+
+        fn conv2d_backward_weight(
+            x: FlexTensor,
+            weight: FlexTensor,
+            grad: FlexTensor,
+            options: ConvOptions<2>,
+        ) -> FlexTensor {
+            let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
+            let w_shape = dims4(&weight);
+            let geo = Conv2dGeometry::new(dims4(&x), w_shape, &options)
+                .expect("conv2d_backward_weight: shapes checked by the forward pass");
+            let dw = cpu_conv::conv2d_backward_weight(&geo, x.storage(), grad.storage());
+            float32(dw, w_shape)
+        }
+    }
+
+    /// Training: a plain convolution (no bias, residual or ReLU) runs resnet-rs's kernels
+    /// forward and backward; anything else is composed from Burn's differentiable operations.
+    #[cfg(feature = "autodiff")]
+    impl<B: Backend + ResNetKernels, C: CheckpointStrategy> ResNetKernels for Autodiff<B, C> {
+        fn conv2d_fused(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            bias: OptionalTensor<Self>,
+            residual: OptionalTensor<Self>,
+            options: ConvOptions<2>,
+            relu: bool,
+        ) -> FloatTensor<Self> {
+            let (bias, residual) = (bias.into_option(), residual.into_option());
+            if bias.is_some() || residual.is_some() || relu {
+                let mut out = Self::conv2d(x, weight, bias, options);
+                if let Some(residual) = residual {
+                    out = Self::float_add(out, residual);
+                }
+                return if relu { Self::relu(out) } else { out };
+            }
+
+            #[derive(Debug)]
+            struct PlainConv2d;
+
+            impl<B: Backend + ResNetKernels> Backward<B, 2> for PlainConv2d {
+                type State = (NodeId, NodeId, ConvOptions<2>);
+
+                fn backward(
+                    self,
+                    ops: Ops<Self::State, 2>,
+                    grads: &mut Gradients,
+                    checkpointer: &mut Checkpointer,
+                ) {
+                    let [node_x, node_weight] = ops.parents;
+                    let grad = grads.consume::<B>(&ops.node);
+                    let (x_state, weight_state, options) = ops.state;
+                    let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_state);
+                    let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(weight_state);
+                    if let Some(node) = node_x {
+                        let dx = B::conv2d_backward_input(
+                            x.clone(),
+                            weight.clone(),
+                            grad.clone(),
+                            options.clone(),
+                        );
+                        grads.register::<B>(node.id, dx);
+                    }
+                    if let Some(node) = node_weight {
+                        let dw = B::conv2d_backward_weight(x, weight, grad, options);
+                        grads.register::<B>(node.id, dw);
+                    }
+                }
+            }
+
+            let forward = |x: FloatTensor<B>, weight: FloatTensor<B>, options: ConvOptions<2>| {
+                B::conv2d_fused(
+                    x,
+                    weight,
+                    OptionalTensor::None,
+                    OptionalTensor::None,
+                    options,
+                    false,
+                )
+            };
+            match PlainConv2d
+                .prepare::<C>([x.node(), weight.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(mut prep) => {
+                    let x_state = prep.checkpoint(&x);
+                    let weight_state = prep.checkpoint(&weight);
+                    let out = forward(x.into_primitive(), weight.into_primitive(), options.clone());
+                    prep.finish((x_state, weight_state, options), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(forward(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    options,
+                )),
+            }
+        }
+
+        fn max_pool2d(
+            x: FloatTensor<Self>,
+            kernel: [usize; 2],
+            stride: [usize; 2],
+            padding: [(usize, usize); 2],
+            dilation: [usize; 2],
+        ) -> FloatTensor<Self> {
+            // Never routed here by `ops::max_pool2d` (Burn's pooling has its backward pass);
+            // Burn's autodiff pooling takes symmetric padding only.
+            let [(top, bottom), (left, right)] = padding;
+            assert!(
+                top == bottom && left == right,
+                "ResNetKernels::max_pool2d with autodiff: asymmetric padding {padding:?}"
+            );
+            <Self as ModuleOps<Self>>::max_pool2d(x, kernel, stride, [top, left], dilation, false)
+        }
+
+        fn conv2d_backward_input(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            options: ConvOptions<2>,
+        ) -> FloatTensor<Self> {
+            <Self as ModuleOps<Self>>::conv2d_x_backward(x, weight, grad, options)
+        }
+
+        fn conv2d_backward_weight(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            options: ConvOptions<2>,
+        ) -> FloatTensor<Self> {
+            <Self as ModuleOps<Self>>::conv2d_weight_backward(x, weight, grad, options)
+        }
     }
 
     fn dims4(t: &FlexTensor) -> [usize; 4] {
@@ -211,11 +388,22 @@ mod flex {
         )
     }
 
-    /// Whether `t` is a plain (non-autodiff) float32 flex tensor and the kernels are on.
-    fn on_plain_flex<const D: usize>(t: &Tensor<D>) -> bool {
-        fast_kernels()
-            && t.dtype() == DType::F32
-            && matches!(t.device().as_dispatch(), DispatchDevice::Flex(_))
+    /// Whether `t` is a float32 flex tensor (an autodiff one too if `autodiff`) and the
+    /// kernels are on.
+    #[cfg_attr(not(feature = "autodiff"), allow(unused_variables))]
+    fn on_flex<const D: usize>(t: &Tensor<D>, autodiff: bool) -> bool {
+        if !fast_kernels() || t.dtype() != DType::F32 {
+            return false;
+        }
+        match t.device().as_dispatch() {
+            DispatchDevice::Flex(_) => true,
+            #[cfg(feature = "autodiff")]
+            DispatchDevice::Autodiff(device) => {
+                autodiff && matches!(device.clone().inner(), DispatchDevice::Flex(_))
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
     }
 
     /// Run the max pooling on flex when `input` is a plain float32 flex tensor and the options
@@ -235,7 +423,7 @@ mod flex {
             pool.dilation,
         )
         .is_some();
-        if !on_plain_flex(&input) || pool.ceil_mode || !fits {
+        if !on_flex(&input, false) || pool.ceil_mode || !fits {
             return Err(input);
         }
         let out = <Dispatch as ResNetKernels>::max_pool2d(
@@ -257,7 +445,10 @@ mod flex {
         residual: Option<Tensor<4>>,
         relu: bool,
     ) -> Result<Tensor<4>, (Tensor<4>, Option<Tensor<4>>)> {
-        if !on_plain_flex(&input) {
+        // With autodiff, only plain convolutions (what training runs: conv, then batch norm)
+        // have resnet-rs's backward pass; the rest is better left to Burn in one piece.
+        let plain = conv.bias.is_none() && residual.is_none() && !relu;
+        if !on_flex(&input, plain) {
             return Err((input, residual));
         }
         let weight = conv.weight.val();

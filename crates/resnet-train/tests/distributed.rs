@@ -194,9 +194,14 @@ fn trainer(
     (status, stderr)
 }
 
-/// (a) and (b): a trainer with one remote worker trains exactly as one process with two
-/// replicas of the same device (same shards, same seeds, batch-norm statistics and all), and
-/// the worker leaves on its own once the trainer is done, having written nothing.
+/// (a) and (b): a trainer with one remote worker trains as one process with two replicas of
+/// the same device (same shards, same seeds, batch-norm statistics and all), and the worker
+/// leaves on its own once the trainer is done, having written nothing.
+///
+/// Not bit for bit: the local replica's convolutions run resnet-rs's flex kernels, while a
+/// device served over burn-remote runs Burn's own (custom operations do not cross the remote
+/// protocol); the two round differently, about 2e-5 after two epochs. A wrong gradient
+/// reduction or shard would be off by 1e-2 or more.
 #[test]
 fn a_remote_worker_trains_like_a_local_replica() {
     let dir = tempfile::tempdir().unwrap();
@@ -242,7 +247,7 @@ fn a_remote_worker_trains_like_a_local_replica() {
     println!(
         "local replicas vs remote worker: max parameter difference {diff:e}, running mean {running:e}"
     );
-    assert!(diff <= 1e-5, "the remote run differs by {diff}");
+    assert!(diff <= 1e-4, "the remote run differs by {diff}");
     let worker_status = processes
         .wait(worker, Duration::from_secs(30))
         .expect("the worker did not exit within 30 s of the trainer");
