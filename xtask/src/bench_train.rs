@@ -48,6 +48,10 @@ pub struct Args {
     /// Print one JSON object (`median_ms` per side, `ratio` when both ran) instead of text.
     #[arg(long)]
     json: bool,
+    /// Train with Burn's own convolutions instead of resnet-rs's CPU kernels, to measure what
+    /// the latter save.
+    #[arg(long)]
+    burn_conv: bool,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -57,6 +61,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// Our side: median seconds per step.
 fn ours(args: &Args) -> Result<f64> {
+    resnet_model::ops::set_fast_kernels(!args.burn_conv);
     let device = Device::flex().autodiff();
     device.seed(0);
     let config = ResNetConfig::resnet18()

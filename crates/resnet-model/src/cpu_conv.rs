@@ -174,10 +174,12 @@ impl Plan {
         let outer = geo.batch * geo.groups;
         if outer < 4 * threads {
             let mut blocks = plan.pixel_blocks;
-            while (outer * blocks) % threads != 0 && pixels / (blocks + 1) >= MIN_PIXEL_BLOCK {
+            while !(outer * blocks).is_multiple_of(threads)
+                && pixels / (blocks + 1) >= MIN_PIXEL_BLOCK
+            {
                 blocks += 1;
             }
-            if (outer * blocks) % threads == 0 && blocks != plan.pixel_blocks {
+            if (outer * blocks).is_multiple_of(threads) && blocks != plan.pixel_blocks {
                 plan.pixel_block = pixels.div_ceil(blocks);
                 plan.pixel_blocks = pixels.div_ceil(plan.pixel_block);
             }
@@ -206,6 +208,13 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the pointer).
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 thread_local! {
     /// Column buffer reused by every unit run on this thread.
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -233,11 +242,9 @@ pub(crate) fn conv2d(
     }
     let mut out = vec![0.0f32; geo.output_len()];
     let pixels = geo.out_h * geo.out_w;
-    let images_per_unit = if pixels == 0 {
-        1
-    } else {
-        (MIN_BATCHED_COLUMNS / pixels).min(geo.batch)
-    };
+    let images_per_unit = MIN_BATCHED_COLUMNS
+        .checked_div(pixels)
+        .map_or(1, |images| images.min(geo.batch));
     if images_per_unit > 1 && !out.is_empty() {
         conv2d_image_runs(
             geo,
@@ -254,7 +261,6 @@ pub(crate) fn conv2d(
     let plan = Plan::new(geo);
     let shared = SharedOut(out.as_mut_ptr());
     let run = |unit: usize| {
-        let shared = shared;
         // Unit index, innermost first: pixel block, channel block, group, image.
         let pixel_block = unit % plan.pixel_blocks;
         let rest = unit / plan.pixel_blocks;
@@ -274,7 +280,7 @@ pub(crate) fn conv2d(
             pixels: p0..p1,
         };
         // SAFETY: this unit's block of `out` is written by no other unit.
-        unsafe { run_unit(geo, &block, x, weight, bias, residual, relu, shared.0) };
+        unsafe { run_unit(geo, &block, x, weight, bias, residual, relu, shared.ptr()) };
     };
     let units = plan.units(geo);
     if units == 1 || rayon::current_num_threads() == 1 {
@@ -690,10 +696,13 @@ fn col2im_add(
     geo: &Conv2dGeometry,
     dx: &mut [f32],
     pixels: std::ops::Range<usize>,
-    columns: &[f32],
+    columns: &mut [f32],
     row_stride: usize,
     offset: usize,
 ) {
+    if geo.stride == [1, 1] && geo.out_w == geo.in_w {
+        return col2im_add_unstrided(geo, dx, pixels, columns, row_stride, offset);
+    }
     let n = pixels.len();
     let [kh, kw] = geo.kernel;
     let [sh, sw] = geo.stride;
@@ -1088,5 +1097,64 @@ fn conv2d_image_runs(
         out.chunks_mut(chunk).enumerate().for_each(run);
     } else {
         out.par_chunks_mut(chunk).enumerate().for_each(run);
+    }
+}
+
+/// [`col2im_add`] for stride 1 with the output as wide as the input: the entries that fell on
+/// the left or right padding are zeroed in `columns`, then each row is one contiguous add
+/// (pixel `p` came from input element `p + shift`).
+fn col2im_add_unstrided(
+    geo: &Conv2dGeometry,
+    dx: &mut [f32],
+    pixels: std::ops::Range<usize>,
+    columns: &mut [f32],
+    row_stride: usize,
+    offset: usize,
+) {
+    let n = pixels.len();
+    let w = geo.in_w;
+    let [kh, kw] = geo.kernel;
+    let [dh, dw] = geo.dilation;
+    let [ph, pw] = geo.pad_begin;
+    let plane = geo.in_h * w;
+    let first_row = pixels.start / w;
+    let last_row = pixels.end.div_ceil(w);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let x_off = (kx * dw) as isize - pw as isize;
+            let shift = (ky * dh) as isize * w as isize - (ph * w) as isize + x_off;
+            let start = pixels.start as isize + shift;
+            let lo = (-start).clamp(0, n as isize) as usize;
+            let hi = (plane as isize - start).clamp(lo as isize, n as isize) as usize;
+            let left = x_off.clamp(-(w as isize), 0).unsigned_abs();
+            let right = x_off.clamp(0, w as isize) as usize;
+            for c in 0..geo.group_in() {
+                let row = (c * kh + ky) * kw + kx;
+                let src = &mut columns[row * row_stride + offset..][..n];
+                if left != 0 || right != 0 {
+                    for oy in first_row..last_row {
+                        let row_start = oy * w;
+                        for range in [
+                            row_start..row_start + left,
+                            row_start + w - right..row_start + w,
+                        ] {
+                            let a = range.start.max(pixels.start);
+                            let b = range.end.min(pixels.end);
+                            if a < b {
+                                src[a - pixels.start..b - pixels.start].fill(0.0);
+                            }
+                        }
+                    }
+                }
+                if lo < hi {
+                    let channel = &mut dx[c * plane..(c + 1) * plane];
+                    let dst = (start + lo as isize) as usize;
+                    channel[dst..dst + (hi - lo)]
+                        .iter_mut()
+                        .zip(&src[lo..hi])
+                        .for_each(|(d, &v)| *d += v);
+                }
+            }
+        }
     }
 }

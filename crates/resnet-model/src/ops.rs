@@ -408,6 +408,7 @@ mod flex {
 
     /// Run the max pooling on flex when `input` is a plain float32 flex tensor and the options
     /// are supported (no ceil mode, input-independent padding); otherwise hand `input` back.
+    #[allow(clippy::result_large_err)] // hands the caller's own tensor back, moved
     pub(super) fn try_max_pool2d(
         pool: &MaxPool2d,
         input: Tensor<4>,
@@ -438,7 +439,7 @@ mod flex {
 
     /// Run the fused convolution on flex when every tensor is a plain (non-autodiff) float32
     /// flex tensor with shapes that fit; otherwise hand the arguments back untouched.
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::result_large_err)] // hands the caller's tensors back
     pub(super) fn try_conv2d(
         conv: &Conv2d,
         input: Tensor<4>,
