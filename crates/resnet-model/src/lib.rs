@@ -8,8 +8,12 @@
 //! rules (see the `resnet-import` crate).
 //!
 //! This crate never names a backend. Modules are built on a [`Device`](burn::tensor::Device)
-//! the caller passes in; the cargo features (`flex` by default, `ndarray`, `wgpu`, `vulkan`,
-//! `metal`, `tch`, `cuda`) only decide which backends' devices can exist.
+//! the caller passes in; the cargo features (`flex` and `autodiff` by default, `ndarray`,
+//! `wgpu`, `vulkan`, `metal`, `tch`, `cuda`) only decide which backends' devices can exist.
+//! The blocks are built from [`ops::conv2d_fused`] and [`ops::max_pool2d`]: on the flex CPU
+//! backend these run resnet-rs's own kernels (forward and, for training, backward), plugged in
+//! through Burn's backend-extension mechanism; on every other backend they are Burn's
+//! operations.
 //!
 //! ```no_run
 //! use burn::tensor::{Device, Tensor};

@@ -351,6 +351,7 @@ fn nan_inputs_give_nan_outputs() {
     );
 }
 
+#[cfg(feature = "autodiff")]
 /// Input and weight gradients of `sum(conv(x) * upstream)`: through `conv2d_fused` (resnet-rs's
 /// forward and backward kernels on an autodiff flex device) and through `conv.forward`
 /// (Burn's). Returns the worst relative difference.
