@@ -74,6 +74,7 @@ pub fn max_pool2d(pool: &MaxPool2d, input: Tensor<4>) -> Tensor<4> {
 
 /// Per-side padding `[(top, bottom), (left, right)]` of a padding that does not depend on
 /// the input.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 fn explicit_padding(padding: &PaddingConfig2d) -> Option<[(usize, usize); 2]> {
     match *padding {
         PaddingConfig2d::Valid => Some([(0, 0), (0, 0)]),
@@ -83,6 +84,7 @@ fn explicit_padding(padding: &PaddingConfig2d) -> Option<[(usize, usize); 2]> {
 }
 
 /// The options `Conv2d::forward` would use, when its padding does not depend on the input.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 fn conv_options(conv: &Conv2d) -> Option<ConvOptions<2>> {
     Some(ConvOptions::new_with_padding(
         conv.stride,
