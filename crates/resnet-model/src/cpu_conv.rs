@@ -451,61 +451,31 @@ fn im2col(
     row_stride: usize,
     offset: usize,
 ) {
-    let n = pixels.len();
-    let [kh, kw] = geo.kernel;
-    let [sh, sw] = geo.stride;
-    let [dh, dw] = geo.dilation;
-    let [ph, pw] = geo.pad_begin;
-    let plane = geo.in_h * geo.in_w;
-    if [sh, sw] == [1, 1] && geo.out_w == geo.in_w {
+    if geo.stride == [1, 1] && geo.out_w == geo.in_w {
         return im2col_unstrided(geo, input, pixels, columns, row_stride, offset);
     }
+    let n = pixels.len();
+    let [kh, kw] = geo.kernel;
+    let sw = geo.stride[1];
+    let plane = geo.in_h * geo.in_w;
     for c in 0..geo.group_in() {
         let channel = &input[c * plane..(c + 1) * plane];
         for ky in 0..kh {
             for kx in 0..kw {
                 let row = (c * kh + ky) * kw + kx;
                 let dst = &mut columns[row * row_stride + offset..][..n];
-                let x_off = (kx * dw) as isize - pw as isize;
-                // Output columns whose input column lies inside the image.
-                let ox_lo = if x_off >= 0 {
-                    0
-                } else {
-                    (-x_off as usize).div_ceil(sw)
-                };
-                let ox_hi = if (geo.in_w as isize) > x_off {
-                    (((geo.in_w as isize - x_off) as usize).div_ceil(sw)).min(geo.out_w)
-                } else {
-                    0
-                };
-                let mut p = pixels.start;
-                while p < pixels.end {
-                    let oy = p / geo.out_w;
-                    let ox0 = p % geo.out_w;
-                    let ox1 = geo.out_w.min(ox0 + (pixels.end - p));
-                    let iy = (oy * sh + ky * dh) as isize - ph as isize;
-                    let seg = &mut dst[p - pixels.start..p - pixels.start + (ox1 - ox0)];
-                    let inside = iy >= 0 && (iy as usize) < geo.in_h;
-                    let lo = ox_lo.clamp(ox0, ox1);
-                    let hi = ox_hi.clamp(lo, ox1);
-                    if !inside || lo == hi {
-                        seg.fill(0.0);
+                for_each_segment(geo, &pixels, ky, kx, |seg| {
+                    dst[seg.block.start..seg.valid.start].fill(0.0);
+                    dst[seg.valid.end..seg.block.end].fill(0.0);
+                    let out = &mut dst[seg.valid];
+                    if sw == 1 {
+                        out.copy_from_slice(&channel[seg.source..seg.source + out.len()]);
                     } else {
-                        let src = &channel[iy as usize * geo.in_w..(iy as usize + 1) * geo.in_w];
-                        seg[..lo - ox0].fill(0.0);
-                        seg[hi - ox0..].fill(0.0);
-                        let first = (lo as isize * sw as isize + x_off) as usize;
-                        let out = &mut seg[lo - ox0..hi - ox0];
-                        if sw == 1 {
-                            out.copy_from_slice(&src[first..first + out.len()]);
-                        } else {
-                            for (i, o) in out.iter_mut().enumerate() {
-                                *o = src[first + i * sw];
-                            }
+                        for (i, o) in out.iter_mut().enumerate() {
+                            *o = channel[seg.source + i * sw];
                         }
                     }
-                    p += ox1 - ox0;
-                }
+                });
             }
         }
     }
@@ -639,49 +609,86 @@ fn im2col_unstrided(
     offset: usize,
 ) {
     let n = pixels.len();
-    let w = geo.in_w;
     let [kh, kw] = geo.kernel;
-    let [dh, dw] = geo.dilation;
-    let [ph, pw] = geo.pad_begin;
-    let plane = geo.in_h * w;
-    // Output rows the block touches: `first_row` and the rows after it, while `< last_row`.
-    let first_row = pixels.start / w;
-    let last_row = pixels.end.div_ceil(w);
+    let plane = geo.in_h * geo.in_w;
     for ky in 0..kh {
         for kx in 0..kw {
-            let x_off = (kx * dw) as isize - pw as isize;
-            let shift = (ky * dh) as isize * w as isize - (ph * w) as isize + x_off;
-            // Block positions whose source index lies inside the plane.
-            let start = pixels.start as isize + shift;
-            let lo = (-start).clamp(0, n as isize) as usize;
-            let hi = (plane as isize - start).clamp(lo as isize, n as isize) as usize;
-            // Output columns whose input column overhangs the left or right edge.
-            let left = x_off.clamp(-(w as isize), 0).unsigned_abs();
-            let right = x_off.clamp(0, w as isize) as usize;
+            let run = UnstridedRun::new(geo, &pixels, ky, kx);
             for c in 0..geo.group_in() {
                 let row = (c * kh + ky) * kw + kx;
                 let dst = &mut columns[row * row_stride + offset..][..n];
                 let channel = &input[c * plane..(c + 1) * plane];
-                dst[..lo].fill(0.0);
-                dst[hi..].fill(0.0);
-                if lo < hi {
-                    let src = (start + lo as isize) as usize;
-                    dst[lo..hi].copy_from_slice(&channel[src..src + (hi - lo)]);
+                let inside = run.inside.clone();
+                dst[..inside.start].fill(0.0);
+                dst[inside.end..].fill(0.0);
+                if !inside.is_empty() {
+                    let source = run.source();
+                    dst[inside.clone()].copy_from_slice(&channel[source..source + inside.len()]);
                 }
-                if left == 0 && right == 0 {
-                    continue;
-                }
-                for oy in first_row..last_row {
-                    let row_start = oy * w;
-                    let zero = |range: std::ops::Range<usize>, dst: &mut [f32]| {
-                        let a = range.start.max(pixels.start);
-                        let b = range.end.min(pixels.end);
-                        if a < b {
-                            dst[a - pixels.start..b - pixels.start].fill(0.0);
-                        }
-                    };
-                    zero(row_start..row_start + left, dst);
-                    zero(row_start + w - right..row_start + w, dst);
+                run.zero_overhang(geo, &pixels, dst);
+            }
+        }
+    }
+}
+
+/// Where one kernel offset reads for a block of output pixels when the stride is 1 and the
+/// output is as wide as the input: pixel `p` reads input element `p + shift` of its channel.
+struct UnstridedRun {
+    /// `pixels.start + shift`: the element the block's first pixel reads (may lie outside).
+    start: isize,
+    /// Block positions whose element lies inside the plane.
+    inside: std::ops::Range<usize>,
+    /// Output columns, at the left and at the right of each row, whose patch element overhangs
+    /// the padding (and so reads a neighbouring row's element instead).
+    left: usize,
+    right: usize,
+}
+
+impl UnstridedRun {
+    fn new(geo: &Conv2dGeometry, pixels: &std::ops::Range<usize>, ky: usize, kx: usize) -> Self {
+        let w = geo.in_w;
+        let x_off = (kx * geo.dilation[1]) as isize - geo.pad_begin[1] as isize;
+        let shift =
+            (ky * geo.dilation[0]) as isize * w as isize - (geo.pad_begin[0] * w) as isize + x_off;
+        let n = pixels.len() as isize;
+        let start = pixels.start as isize + shift;
+        let lo = (-start).clamp(0, n) as usize;
+        let hi = ((geo.in_h * w) as isize - start).clamp(lo as isize, n) as usize;
+        Self {
+            start,
+            inside: lo..hi,
+            left: x_off.clamp(-(w as isize), 0).unsigned_abs(),
+            right: x_off.clamp(0, w as isize) as usize,
+        }
+    }
+
+    /// The element read by the first pixel of `inside` (which must not be empty).
+    fn source(&self) -> usize {
+        (self.start + self.inside.start as isize) as usize
+    }
+
+    /// Zero, in `values` (this offset's row of the block), the pixels whose patch element
+    /// overhangs the left or right padding.
+    fn zero_overhang(
+        &self,
+        geo: &Conv2dGeometry,
+        pixels: &std::ops::Range<usize>,
+        values: &mut [f32],
+    ) {
+        if self.left == 0 && self.right == 0 {
+            return;
+        }
+        let w = geo.in_w;
+        for oy in pixels.start / w..pixels.end.div_ceil(w) {
+            let row_start = oy * w;
+            for range in [
+                row_start..row_start + self.left,
+                row_start + w - self.right..row_start + w,
+            ] {
+                let a = range.start.max(pixels.start);
+                let b = range.end.min(pixels.end);
+                if a < b {
+                    values[a - pixels.start..b - pixels.start].fill(0.0);
                 }
             }
         }
@@ -705,9 +712,7 @@ fn col2im_add(
     }
     let n = pixels.len();
     let [kh, kw] = geo.kernel;
-    let [sh, sw] = geo.stride;
-    let [dh, dw] = geo.dilation;
-    let [ph, pw] = geo.pad_begin;
+    let sw = geo.stride[1];
     let plane = geo.in_h * geo.in_w;
     for c in 0..geo.group_in() {
         let channel = &mut dx[c * plane..(c + 1) * plane];
@@ -715,46 +720,81 @@ fn col2im_add(
             for kx in 0..kw {
                 let row = (c * kh + ky) * kw + kx;
                 let src = &columns[row * row_stride + offset..][..n];
-                let x_off = (kx * dw) as isize - pw as isize;
-                let ox_lo = if x_off >= 0 {
-                    0
-                } else {
-                    (-x_off as usize).div_ceil(sw)
-                };
-                let ox_hi = if (geo.in_w as isize) > x_off {
-                    (((geo.in_w as isize - x_off) as usize).div_ceil(sw)).min(geo.out_w)
-                } else {
-                    0
-                };
-                let mut p = pixels.start;
-                while p < pixels.end {
-                    let oy = p / geo.out_w;
-                    let ox0 = p % geo.out_w;
-                    let ox1 = geo.out_w.min(ox0 + (pixels.end - p));
-                    let iy = (oy * sh + ky * dh) as isize - ph as isize;
-                    let lo = ox_lo.clamp(ox0, ox1);
-                    let hi = ox_hi.clamp(lo, ox1);
-                    if iy >= 0 && (iy as usize) < geo.in_h && lo < hi {
-                        let row =
-                            &mut channel[iy as usize * geo.in_w..(iy as usize + 1) * geo.in_w];
-                        let first = (lo as isize * sw as isize + x_off) as usize;
-                        let seg =
-                            &src[p - pixels.start + (lo - ox0)..p - pixels.start + (hi - ox0)];
-                        if sw == 1 {
-                            row[first..first + seg.len()]
-                                .iter_mut()
-                                .zip(seg)
-                                .for_each(|(d, &v)| *d += v);
-                        } else {
-                            for (i, &v) in seg.iter().enumerate() {
-                                row[first + i * sw] += v;
-                            }
+                for_each_segment(geo, &pixels, ky, kx, |seg| {
+                    let values = &src[seg.valid];
+                    if sw == 1 {
+                        channel[seg.source..seg.source + values.len()]
+                            .iter_mut()
+                            .zip(values)
+                            .for_each(|(d, &v)| *d += v);
+                    } else {
+                        for (i, &v) in values.iter().enumerate() {
+                            channel[seg.source + i * sw] += v;
                         }
                     }
-                    p += ox1 - ox0;
-                }
+                });
             }
         }
+    }
+}
+
+/// A run of output pixels on one output row, for one kernel offset: `block` is its range
+/// within the pixel block, `valid` (inside `block`) the pixels whose patch element lies inside
+/// the image; those read input elements `source`, `source + stride`, ... of their channel.
+struct Segment {
+    block: std::ops::Range<usize>,
+    valid: std::ops::Range<usize>,
+    source: usize,
+}
+
+/// Calls `f` with every [`Segment`] of the output pixels `pixels` for kernel offset `(ky, kx)`,
+/// in order: the index arithmetic shared by [`im2col`] and [`col2im_add`].
+fn for_each_segment(
+    geo: &Conv2dGeometry,
+    pixels: &std::ops::Range<usize>,
+    ky: usize,
+    kx: usize,
+    mut f: impl FnMut(Segment),
+) {
+    let [sh, sw] = geo.stride;
+    let [dh, dw] = geo.dilation;
+    let [ph, pw] = geo.pad_begin;
+    let x_off = (kx * dw) as isize - pw as isize;
+    // Output columns whose input column lies inside the image.
+    let ox_lo = if x_off >= 0 {
+        0
+    } else {
+        (-x_off as usize).div_ceil(sw)
+    };
+    let ox_hi = if (geo.in_w as isize) > x_off {
+        (((geo.in_w as isize - x_off) as usize).div_ceil(sw)).min(geo.out_w)
+    } else {
+        0
+    };
+    let mut p = pixels.start;
+    while p < pixels.end {
+        let oy = p / geo.out_w;
+        let ox0 = p % geo.out_w;
+        let ox1 = geo.out_w.min(ox0 + (pixels.end - p));
+        let iy = (oy * sh + ky * dh) as isize - ph as isize;
+        let lo = ox_lo.clamp(ox0, ox1);
+        let hi = ox_hi.clamp(lo, ox1);
+        let base = p - pixels.start;
+        let (valid, source) = if iy >= 0 && (iy as usize) < geo.in_h && lo < hi {
+            let first = (lo as isize * sw as isize + x_off) as usize;
+            (
+                base + lo - ox0..base + hi - ox0,
+                iy as usize * geo.in_w + first,
+            )
+        } else {
+            (base..base, 0)
+        };
+        f(Segment {
+            block: base..base + (ox1 - ox0),
+            valid,
+            source,
+        });
+        p += ox1 - ox0;
     }
 }
 
@@ -1112,46 +1152,21 @@ fn col2im_add_unstrided(
     offset: usize,
 ) {
     let n = pixels.len();
-    let w = geo.in_w;
     let [kh, kw] = geo.kernel;
-    let [dh, dw] = geo.dilation;
-    let [ph, pw] = geo.pad_begin;
-    let plane = geo.in_h * w;
-    let first_row = pixels.start / w;
-    let last_row = pixels.end.div_ceil(w);
+    let plane = geo.in_h * geo.in_w;
     for ky in 0..kh {
         for kx in 0..kw {
-            let x_off = (kx * dw) as isize - pw as isize;
-            let shift = (ky * dh) as isize * w as isize - (ph * w) as isize + x_off;
-            let start = pixels.start as isize + shift;
-            let lo = (-start).clamp(0, n as isize) as usize;
-            let hi = (plane as isize - start).clamp(lo as isize, n as isize) as usize;
-            let left = x_off.clamp(-(w as isize), 0).unsigned_abs();
-            let right = x_off.clamp(0, w as isize) as usize;
+            let run = UnstridedRun::new(geo, &pixels, ky, kx);
             for c in 0..geo.group_in() {
                 let row = (c * kh + ky) * kw + kx;
                 let src = &mut columns[row * row_stride + offset..][..n];
-                if left != 0 || right != 0 {
-                    for oy in first_row..last_row {
-                        let row_start = oy * w;
-                        for range in [
-                            row_start..row_start + left,
-                            row_start + w - right..row_start + w,
-                        ] {
-                            let a = range.start.max(pixels.start);
-                            let b = range.end.min(pixels.end);
-                            if a < b {
-                                src[a - pixels.start..b - pixels.start].fill(0.0);
-                            }
-                        }
-                    }
-                }
-                if lo < hi {
+                run.zero_overhang(geo, &pixels, src);
+                if !run.inside.is_empty() {
                     let channel = &mut dx[c * plane..(c + 1) * plane];
-                    let dst = (start + lo as isize) as usize;
-                    channel[dst..dst + (hi - lo)]
+                    let source = run.source();
+                    channel[source..source + run.inside.len()]
                         .iter_mut()
-                        .zip(&src[lo..hi])
+                        .zip(&src[run.inside.clone()])
                         .for_each(|(d, &v)| *d += v);
                 }
             }
