@@ -171,13 +171,24 @@ fn every_backend_reproduces_pytorch_at_full_size() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("out.npy");
     for arch in ["resnet18", "resnext50_32x4d"] {
-        let status = Process::new(&python)
-            .arg(fixture("full_size.py"))
-            .arg(dir.path())
-            .arg(arch)
-            .status()
-            .expect("python runs");
-        assert!(status.success(), "full_size.py failed for {arch}");
+        // One retry: the reference generator (not the code under test) has crashed once at
+        // interpreter shutdown on CI's Debian torch.
+        let status = (0..2)
+            .map(|_| {
+                Process::new(&python)
+                    .arg(fixture("full_size.py"))
+                    .arg(dir.path())
+                    .arg(arch)
+                    .status()
+                    .expect("python runs")
+            })
+            .inspect(|status| {
+                if !status.success() {
+                    println!("full_size.py {arch}: {status}");
+                }
+            })
+            .find(|status| status.success());
+        assert!(status.is_some(), "full_size.py failed twice for {arch}");
         let checkpoint = dir.path().join(format!("{arch}.pth"));
         let expected = read_npy(&dir.path().join(format!("{arch}.logits.npy")));
         for &backend in &backends {

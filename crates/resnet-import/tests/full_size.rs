@@ -59,13 +59,24 @@ fn every_preset_matches_pytorch_at_full_size() {
     let device = Device::flex();
     let mut worst = 0.0f32;
     for arch in ARCHITECTURES {
-        let status = Command::new(&python)
-            .arg(&script)
-            .arg(dir.path())
-            .arg(arch)
-            .status()
-            .expect("python runs");
-        assert!(status.success(), "full_size.py failed for {arch}");
+        // One retry: the reference generator (not the code under test) has crashed once at
+        // interpreter shutdown on CI's Debian torch.
+        let status = (0..2)
+            .map(|_| {
+                Command::new(&python)
+                    .arg(&script)
+                    .arg(dir.path())
+                    .arg(arch)
+                    .status()
+                    .expect("python runs")
+            })
+            .inspect(|status| {
+                if !status.success() {
+                    println!("full_size.py {arch}: {status}");
+                }
+            })
+            .find(|status| status.success());
+        assert!(status.is_some(), "full_size.py failed twice for {arch}");
 
         let checkpoint = dir.path().join(format!("{arch}.pth"));
         let imported = import_checkpoint(&checkpoint, &ImportOptions::default(), &device)
