@@ -19,7 +19,7 @@ use std::cell::RefCell;
 
 /// The column buffer of one work unit holds at most about this many floats (1 MiB), so that it
 /// stays in the L2 cache while the GEMM reads it.
-const COLUMN_BUFFER_FLOATS: usize = 256 * 1024;
+pub(crate) const COLUMN_BUFFER_FLOATS: usize = 256 * 1024;
 
 /// Blocks of output pixels are multiples of this (the GEMM kernels' column width).
 const PIXEL_ALIGN: usize = 16;
@@ -113,22 +113,22 @@ impl Conv2dGeometry {
         self.out_channels * self.patch_len()
     }
 
-    fn output_len(&self) -> usize {
+    pub(crate) fn output_len(&self) -> usize {
         self.batch * self.out_channels * self.out_h * self.out_w
     }
 
     /// Input channels per group.
-    fn group_in(&self) -> usize {
+    pub(crate) fn group_in(&self) -> usize {
         self.in_channels / self.groups
     }
 
     /// Output channels per group (GEMM rows).
-    fn group_out(&self) -> usize {
+    pub(crate) fn group_out(&self) -> usize {
         self.out_channels / self.groups
     }
 
     /// One patch: input channels of a group times kernel positions (GEMM depth).
-    fn patch_len(&self) -> usize {
+    pub(crate) fn patch_len(&self) -> usize {
         self.group_in() * self.kernel[0] * self.kernel[1]
     }
 
@@ -239,6 +239,9 @@ pub(crate) fn conv2d(
     }
     if let Some(residual) = residual {
         assert_eq!(residual.len(), geo.output_len(), "conv2d residual length");
+    }
+    if crate::cpu_simd::handles(geo) {
+        return crate::cpu_simd::conv2d(geo, x, weight, bias, residual, relu);
     }
     let mut out = vec![0.0f32; geo.output_len()];
     let pixels = geo.out_h * geo.out_w;
@@ -380,9 +383,36 @@ fn relu_nan(v: f32) -> f32 {
     if v < 0.0 { 0.0 } else { v }
 }
 
+/// `dst = act(src + bias + residual)`.
+#[inline]
+pub(crate) fn epilogue_from(
+    dst: &mut [f32],
+    src: &[f32],
+    bias: f32,
+    residual: Option<&[f32]>,
+    relu: bool,
+) {
+    let dst = &mut dst[..src.len()];
+    match (residual, relu) {
+        (Some(r), true) => dst
+            .iter_mut()
+            .zip(src.iter().zip(r))
+            .for_each(|(d, (&s, &r))| *d = relu_nan(s + bias + r)),
+        (Some(r), false) => dst
+            .iter_mut()
+            .zip(src.iter().zip(r))
+            .for_each(|(d, (&s, &r))| *d = s + bias + r),
+        (None, true) => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, &s)| *d = relu_nan(s + bias)),
+        (None, false) => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s + bias),
+    }
+}
+
 /// `dst = act(dst + bias + residual)`.
 #[inline]
-fn epilogue(dst: &mut [f32], bias: f32, residual: Option<&[f32]>, relu: bool) {
+pub(crate) fn epilogue(dst: &mut [f32], bias: f32, residual: Option<&[f32]>, relu: bool) {
     match (residual, relu) {
         (Some(r), true) => dst
             .iter_mut()
@@ -443,7 +473,7 @@ unsafe fn gemm_into(
 /// rows `row_stride` apart, from column `offset` on (every element of that range is written):
 /// row `(c, ky, kx)` holds input channel `c` at kernel offset `(ky, kx)` for every pixel, zero
 /// where the patch overhangs the padding.
-fn im2col(
+pub(crate) fn im2col(
     geo: &Conv2dGeometry,
     input: &[f32],
     pixels: std::ops::Range<usize>,
@@ -470,10 +500,11 @@ fn im2col(
                     let out = &mut dst[seg.valid];
                     if sw == 1 {
                         out.copy_from_slice(&channel[seg.source..seg.source + out.len()]);
-                    } else {
-                        for (i, o) in out.iter_mut().enumerate() {
-                            *o = channel[seg.source + i * sw];
-                        }
+                    } else if !out.is_empty() {
+                        let span = &channel[seg.source..seg.source + (out.len() - 1) * sw + 1];
+                        out.iter_mut()
+                            .zip(span.iter().step_by(sw))
+                            .for_each(|(o, &v)| *o = v);
                     }
                 });
             }

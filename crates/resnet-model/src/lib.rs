@@ -30,6 +30,9 @@ mod block;
 #[cfg(feature = "flex")]
 #[allow(unsafe_code)] // raw output pointer shared by work units, and the gemm call
 mod cpu_conv;
+#[cfg(feature = "flex")]
+#[allow(unsafe_code)] // AVX-512 intrinsics and raw pointers into the panels
+mod cpu_simd;
 mod error;
 mod layer;
 pub mod ops;

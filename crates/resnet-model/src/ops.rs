@@ -33,6 +33,25 @@ pub fn fast_kernels() -> bool {
     FAST_KERNELS.load(Ordering::Relaxed)
 }
 
+/// Let [`conv2d_fused`] use resnet-rs's AVX-512 micro-kernel where the CPU has AVX-512F (on by
+/// default); off, flex convolutions take the portable path (im2col and the `gemm` crate). For
+/// tests and benchmarks: results differ only by float rounding.
+pub fn set_avx512_kernel(enabled: bool) {
+    #[cfg(feature = "flex")]
+    crate::cpu_simd::set_enabled(enabled);
+    #[cfg(not(feature = "flex"))]
+    let _ = enabled;
+}
+
+/// Whether flex convolutions run the AVX-512 micro-kernel: the CPU has AVX-512F and
+/// [`set_avx512_kernel`] has not turned it off.
+pub fn avx512_kernel() -> bool {
+    #[cfg(feature = "flex")]
+    return crate::cpu_simd::enabled();
+    #[cfg(not(feature = "flex"))]
+    false
+}
+
 /// `act(conv(input) + residual)`, with `act` the ReLU when `apply_relu`, else the identity.
 ///
 /// # Shapes

@@ -1,0 +1,141 @@
+//! Per-layer speed of the CPU convolution: times `ops::conv2d_fused` (bias + ReLU, as in a
+//! folded model) on every distinct convolution of a preset at its 224x224 sizes, and prints
+//! each shape's milliseconds, GFLOP/s and share of the network's convolution time.
+//!
+//! ```text
+//! cargo run --release -p resnet-model --example conv_layers -- [ARCH] [BATCH] [--burn-conv] [--no-avx512]
+//! ```
+//!
+//! `--burn-conv` times Burn's own convolution instead (`ops::set_fast_kernels(false)`),
+//! `--no-avx512` resnet-rs's portable path (`ops::set_avx512_kernel(false)`).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use burn::module::Param;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{Device, Distribution, Tensor};
+use resnet_model::ops::{avx512_kernel, conv2d_fused, set_avx512_kernel, set_fast_kernels};
+use resnet_model::{ResNetConfig, ResidualBlock};
+
+fn out_size(conv: &Conv2d, size: usize) -> usize {
+    let pad = match conv.padding {
+        PaddingConfig2d::Explicit(top, ..) => top,
+        _ => 0,
+    };
+    (size + 2 * pad - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) / conv.stride[0] + 1
+}
+
+/// A distinct convolution shape, how often the network runs it, and its input side.
+struct Layer {
+    conv: Conv2d,
+    size: usize,
+    count: usize,
+}
+
+fn layers(config: &ResNetConfig, device: &Device) -> BTreeMap<String, Layer> {
+    let model = config.init(device);
+    let mut into = BTreeMap::new();
+    let mut add = |conv: &Conv2d, size: usize| {
+        let dims = conv.weight.val().dims();
+        let key = format!(
+            "{dims:?} s{} g{} {size}x{size}",
+            conv.stride[0], conv.groups
+        );
+        into.entry(key)
+            .or_insert_with(|| Layer {
+                conv: conv.clone(),
+                size,
+                count: 0,
+            })
+            .count += 1;
+        out_size(conv, size)
+    };
+    let mut size = add(&model.conv1, 224);
+    size = (size + 2 - 3) / 2 + 1;
+    for block in model.stages().into_iter().flatten() {
+        let (next, downsample) = match block {
+            ResidualBlock::Basic(b) => {
+                let mid = add(&b.conv1, size);
+                (add(&b.conv2, mid), &b.downsample)
+            }
+            ResidualBlock::Bottleneck(b) => {
+                add(&b.conv1, size);
+                let mid = add(&b.conv2, size);
+                (add(&b.conv3, mid), &b.downsample)
+            }
+        };
+        if let Some(downsample) = downsample {
+            add(&downsample.conv, size);
+        }
+        size = next;
+    }
+    into
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let burn_conv = args.iter().any(|a| a == "--burn-conv");
+    let mut positional = args.iter().filter(|a| !a.starts_with("--"));
+    let arch = positional.next().map_or("resnet50", String::as_str);
+    let batch: usize = positional.next().map_or(8, |b| b.parse().unwrap_or(8));
+    let config = match ResNetConfig::from_name(arch) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(2);
+        }
+    };
+    set_fast_kernels(!burn_conv);
+    set_avx512_kernel(!args.iter().any(|a| a == "--no-avx512"));
+    let device = Device::flex();
+    let mut rows = Vec::new();
+    for (label, mut layer) in layers(&config, &device) {
+        let [out_channels, per_group, kh, kw] = layer.conv.weight.val().dims();
+        layer.conv.bias = Some(Param::from_tensor(Tensor::random(
+            [out_channels],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )));
+        let x = Tensor::<4>::random(
+            [batch, per_group * layer.conv.groups, layer.size, layer.size],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let side = out_size(&layer.conv, layer.size);
+        let flops = 2.0 * (batch * out_channels * side * side * per_group * kh * kw) as f64;
+        let mut times = Vec::new();
+        for i in 0..6 {
+            let start = Instant::now();
+            let out = conv2d_fused(&layer.conv, x.clone(), None, true);
+            let _ = out.into_data();
+            if i > 0 {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let best = times[0];
+        rows.push((label, layer.count, best, flops / best / 1e9));
+        eprint!(".");
+    }
+    eprintln!();
+    let total: f64 = rows.iter().map(|(_, n, t, _)| *n as f64 * t).sum();
+    let kernel = if burn_conv {
+        "Burn's convolution"
+    } else if avx512_kernel() {
+        "resnet-rs's convolution (AVX-512 micro-kernel)"
+    } else {
+        "resnet-rs's convolution (portable path)"
+    };
+    println!("{arch} batch {batch}, {kernel}, best of 5 per shape");
+    println!("{:<40} {:>3} {:>9} {:>8} {:>6}", "shape", "n", "ms", "GFLOP/s", "share");
+    for (label, count, time, rate) in &rows {
+        println!(
+            "{label:<40} {count:>3} {:>9.2} {rate:>8.1} {:>5.1}%",
+            time * 1e3,
+            100.0 * *count as f64 * time / total
+        );
+    }
+    println!("sum over the network: {:.1} ms", total * 1e3);
+}
