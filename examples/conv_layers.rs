@@ -3,11 +3,11 @@
 //! each shape's milliseconds, GFLOP/s and share of the network's convolution time.
 //!
 //! ```text
-//! cargo run --release -p resnet-model --example conv_layers -- [ARCH] [BATCH] [--burn-conv] [--no-avx512]
+//! cargo run --release -p resnet-model --example conv_layers -- [ARCH] [BATCH] [--burn-conv] [--no-winograd]
 //! ```
 //!
 //! `--burn-conv` times Burn's own convolution instead (`ops::set_fast_kernels(false)`),
-//! `--no-avx512` resnet-rs's portable path (`ops::set_avx512_kernel(false)`).
+//! `--no-winograd` the direct path for the 3x3 convolutions too (`ops::set_winograd(false)`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -16,7 +16,7 @@ use burn::module::Param;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Distribution, Tensor};
-use resnet_model::ops::{avx512_kernel, conv2d_fused, set_avx512_kernel, set_fast_kernels};
+use resnet_model::ops::{conv2d_fused, set_fast_kernels, set_winograd};
 use resnet_model::{ResNetConfig, ResidualBlock};
 
 fn out_size(conv: &Conv2d, size: usize) -> usize {
@@ -88,7 +88,7 @@ fn main() {
         }
     };
     set_fast_kernels(!burn_conv);
-    set_avx512_kernel(!args.iter().any(|a| a == "--no-avx512"));
+    set_winograd(!args.iter().any(|a| a == "--no-winograd"));
     let device = Device::flex();
     let mut rows = Vec::new();
     for (label, mut layer) in layers(&config, &device) {
@@ -121,15 +121,12 @@ fn main() {
     }
     eprintln!();
     let total: f64 = rows.iter().map(|(_, n, t, _)| *n as f64 * t).sum();
-    let kernel = if burn_conv {
-        "Burn's convolution"
-    } else if avx512_kernel() {
-        "resnet-rs's convolution (AVX-512 micro-kernel)"
-    } else {
-        "resnet-rs's convolution (portable path)"
-    };
-    println!("{arch} batch {batch}, {kernel}, best of 5 per shape");
-    println!("{:<40} {:>3} {:>9} {:>8} {:>6}", "shape", "n", "ms", "GFLOP/s", "share");
+    let kernel = if burn_conv { "Burn's" } else { "resnet-rs's" };
+    println!("{arch} batch {batch}, {kernel} convolution, best of 5 per shape");
+    println!(
+        "{:<40} {:>3} {:>9} {:>8} {:>6}",
+        "shape", "n", "ms", "GFLOP/s", "share"
+    );
     for (label, count, time, rate) in &rows {
         println!(
             "{label:<40} {count:>3} {:>9.2} {rate:>8.1} {:>5.1}%",

@@ -52,6 +52,9 @@ pub struct Args {
     /// the latter save.
     #[arg(long)]
     burn_conv: bool,
+    /// Run the forward 3x3 convolutions directly instead of with Winograd's F(2x2, 3x3).
+    #[arg(long)]
+    no_winograd: bool,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -62,6 +65,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// Our side: median seconds per step.
 fn ours(args: &Args) -> Result<f64> {
     resnet_model::ops::set_fast_kernels(!args.burn_conv);
+    resnet_model::ops::set_winograd(!args.no_winograd);
     let device = Device::flex().autodiff();
     device.seed(0);
     let config = ResNetConfig::resnet18()

@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// the flex backend has), to measure what the latter saves.
     #[arg(long)]
     burn_conv: bool,
+    /// Run the 3x3 convolutions that resnet-rs's CPU kernels would compute with Winograd's
+    /// F(2x2, 3x3) as direct convolutions instead, to measure what Winograd saves.
+    #[arg(long)]
+    no_winograd: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -54,6 +58,8 @@ struct Report {
     batchnorm_folded: bool,
     /// Whether resnet-rs's fused CPU convolution was on (it only applies to flex).
     fast_conv: bool,
+    /// Whether it ran the large 3x3 convolutions with Winograd's F(2x2, 3x3).
+    winograd: bool,
     iters: usize,
     median_ms: f64,
     /// Mean over the timed iterations: on asynchronous GPU backends single iterations can
@@ -79,6 +85,7 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
     }
     let config = ResNetConfig::from_name(&args.arch)?;
     resnet_model::ops::set_fast_kernels(!args.burn_conv);
+    resnet_model::ops::set_winograd(!args.no_winograd);
     let model = config.init(device).valid();
     model.summary(args.image_size, args.image_size)?;
     let model = if args.no_fold {
@@ -132,6 +139,9 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
         image_size: args.image_size,
         batchnorm_folded: model.batchnorm_folded,
         fast_conv: resnet_model::ops::fast_kernels() && backend.cli_name() == "flex",
+        winograd: resnet_model::ops::fast_kernels()
+            && resnet_model::ops::winograd()
+            && backend.cli_name() == "flex",
         iters: args.iters,
         median_ms: median,
         mean_ms: times.iter().sum::<f64>() / times.len() as f64,
@@ -156,10 +166,10 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
             } else {
                 ""
             },
-            if report.fast_conv {
-                ", fused convolutions"
-            } else {
-                ""
+            match (report.fast_conv, report.winograd) {
+                (true, true) => ", fused convolutions (Winograd for large 3x3)",
+                (true, false) => ", fused convolutions",
+                _ => "",
             },
             report.device,
             report.iters,

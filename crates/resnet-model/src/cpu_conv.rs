@@ -19,7 +19,7 @@ use std::cell::RefCell;
 
 /// The column buffer of one work unit holds at most about this many floats (1 MiB), so that it
 /// stays in the L2 cache while the GEMM reads it.
-pub(crate) const COLUMN_BUFFER_FLOATS: usize = 256 * 1024;
+const COLUMN_BUFFER_FLOATS: usize = 256 * 1024;
 
 /// Blocks of output pixels are multiples of this (the GEMM kernels' column width).
 const PIXEL_ALIGN: usize = 16;
@@ -27,7 +27,7 @@ const PIXEL_ALIGN: usize = 16;
 /// With few images, a convolution is cut into a multiple of this many work units, so that 1, 2
 /// or 4 threads share them evenly. A constant rather than the thread count: the blocking
 /// decides the GEMMs' summation order, and results must not depend on the thread count.
-const BALANCED_UNITS: usize = 4;
+pub(crate) const BALANCED_UNITS: usize = 4;
 
 /// Pixel blocks are not split below this many pixels to balance threads.
 const MIN_PIXEL_BLOCK: usize = 24;
@@ -113,22 +113,22 @@ impl Conv2dGeometry {
         self.out_channels * self.patch_len()
     }
 
-    pub(crate) fn output_len(&self) -> usize {
+    fn output_len(&self) -> usize {
         self.batch * self.out_channels * self.out_h * self.out_w
     }
 
     /// Input channels per group.
-    pub(crate) fn group_in(&self) -> usize {
+    fn group_in(&self) -> usize {
         self.in_channels / self.groups
     }
 
     /// Output channels per group (GEMM rows).
-    pub(crate) fn group_out(&self) -> usize {
+    fn group_out(&self) -> usize {
         self.out_channels / self.groups
     }
 
     /// One patch: input channels of a group times kernel positions (GEMM depth).
-    pub(crate) fn patch_len(&self) -> usize {
+    fn patch_len(&self) -> usize {
         self.group_in() * self.kernel[0] * self.kernel[1]
     }
 
@@ -202,7 +202,7 @@ impl Plan {
 
 /// A pointer to the output that work units share; each writes a disjoint block.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: units write disjoint elements (distinct image, group, channel or pixel blocks), and
 // the buffer outlives the parallel loop that uses the pointer.
 unsafe impl Send for SharedOut {}
@@ -210,7 +210,7 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// The pointer (a method, so that closures capture the `Sync` wrapper, not the pointer).
-    fn ptr(&self) -> *mut f32 {
+    pub(crate) fn ptr(&self) -> *mut f32 {
         self.0
     }
 }
@@ -240,15 +240,19 @@ pub(crate) fn conv2d(
     if let Some(residual) = residual {
         assert_eq!(residual.len(), geo.output_len(), "conv2d residual length");
     }
-    if crate::cpu_simd::handles(geo) {
-        return crate::cpu_simd::conv2d(geo, x, weight, bias, residual, relu);
+    if let Some(plan) = crate::cpu_winograd::Plan::new(geo) {
+        return crate::cpu_winograd::conv2d(geo, &plan, x, weight, bias, residual, relu);
     }
-    let mut out = vec![0.0f32; geo.output_len()];
+    let len = geo.output_len();
     let pixels = geo.out_h * geo.out_w;
+    // Runs of images, but at least BALANCED_UNITS of them where the batch allows: ResNet-50's
+    // 7x7 stage at batch 8 as runs of 5 + 3 images kept one of two threads idle a quarter of
+    // the time.
     let images_per_unit = MIN_BATCHED_COLUMNS
         .checked_div(pixels)
-        .map_or(1, |images| images.min(geo.batch));
-    if images_per_unit > 1 && !out.is_empty() {
+        .map_or(1, |images| images.min(geo.batch.div_ceil(BALANCED_UNITS)));
+    if images_per_unit > 1 && len > 0 {
+        let mut out = vec![0.0f32; len];
         conv2d_image_runs(
             geo,
             images_per_unit,
@@ -262,6 +266,10 @@ pub(crate) fn conv2d(
         return out;
     }
     let plan = Plan::new(geo);
+    // Not zeroed: the units' blocks tile the output, and each GEMM overwrites its block
+    // without reading it (zeroing first cost a memset as long as the convolution's own output
+    // writes, 2-3% of ResNet-50).
+    let mut out: Vec<f32> = Vec::with_capacity(len);
     let shared = SharedOut(out.as_mut_ptr());
     let run = |unit: usize| {
         // Unit index, innermost first: pixel block, channel block, group, image.
@@ -291,6 +299,9 @@ pub(crate) fn conv2d(
     } else {
         (0..units).into_par_iter().for_each(run);
     }
+    // SAFETY: every unit has run, and their blocks cover all `len` elements (images x groups
+    // x channel blocks x pixel blocks), each written by its GEMM before anything reads it.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -306,8 +317,9 @@ struct Block {
 /// Compute one block of the output.
 ///
 /// # Safety
-/// `out` must point to `geo.output_len()` floats, and no other thread may touch this block's
-/// elements during the call.
+/// `out` must be valid for writes of `geo.output_len()` floats (this block's may be
+/// uninitialized: the GEMM writes them before the epilogue reads them), and no other thread
+/// may touch this block's elements during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_unit(
     geo: &Conv2dGeometry,
@@ -379,40 +391,13 @@ unsafe fn run_unit(
 
 /// `max(v, 0)`, NaN kept (as PyTorch's and Burn's ReLU).
 #[inline]
-fn relu_nan(v: f32) -> f32 {
+pub(crate) fn relu_nan(v: f32) -> f32 {
     if v < 0.0 { 0.0 } else { v }
-}
-
-/// `dst = act(src + bias + residual)`.
-#[inline]
-pub(crate) fn epilogue_from(
-    dst: &mut [f32],
-    src: &[f32],
-    bias: f32,
-    residual: Option<&[f32]>,
-    relu: bool,
-) {
-    let dst = &mut dst[..src.len()];
-    match (residual, relu) {
-        (Some(r), true) => dst
-            .iter_mut()
-            .zip(src.iter().zip(r))
-            .for_each(|(d, (&s, &r))| *d = relu_nan(s + bias + r)),
-        (Some(r), false) => dst
-            .iter_mut()
-            .zip(src.iter().zip(r))
-            .for_each(|(d, (&s, &r))| *d = s + bias + r),
-        (None, true) => dst
-            .iter_mut()
-            .zip(src)
-            .for_each(|(d, &s)| *d = relu_nan(s + bias)),
-        (None, false) => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s + bias),
-    }
 }
 
 /// `dst = act(dst + bias + residual)`.
 #[inline]
-pub(crate) fn epilogue(dst: &mut [f32], bias: f32, residual: Option<&[f32]>, relu: bool) {
+fn epilogue(dst: &mut [f32], bias: f32, residual: Option<&[f32]>, relu: bool) {
     match (residual, relu) {
         (Some(r), true) => dst
             .iter_mut()
@@ -428,7 +413,8 @@ pub(crate) fn epilogue(dst: &mut [f32], bias: f32, residual: Option<&[f32]>, rel
 /// `dst (m x n, row stride dst_rs) = lhs (m x k) * rhs (k x n, row stride rhs_rs)`.
 ///
 /// # Safety
-/// `dst` must be valid for writes of `m` rows of `n` floats `dst_rs` apart, not aliased.
+/// `dst` must be valid for writes of `m` rows of `n` floats `dst_rs` apart, not aliased. They
+/// are overwritten without being read (so they may be uninitialized).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(
     dst: *mut f32,
@@ -473,7 +459,7 @@ unsafe fn gemm_into(
 /// rows `row_stride` apart, from column `offset` on (every element of that range is written):
 /// row `(c, ky, kx)` holds input channel `c` at kernel offset `(ky, kx)` for every pixel, zero
 /// where the patch overhangs the padding.
-pub(crate) fn im2col(
+fn im2col(
     geo: &Conv2dGeometry,
     input: &[f32],
     pixels: std::ops::Range<usize>,

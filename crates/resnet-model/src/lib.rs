@@ -31,8 +31,8 @@ mod block;
 #[allow(unsafe_code)] // raw output pointer shared by work units, and the gemm call
 mod cpu_conv;
 #[cfg(feature = "flex")]
-#[allow(unsafe_code)] // AVX-512 intrinsics and raw pointers into the panels
-mod cpu_simd;
+#[allow(unsafe_code)] // output rows shared by work units, and the gemm call
+mod cpu_winograd;
 mod error;
 mod layer;
 pub mod ops;

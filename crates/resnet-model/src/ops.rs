@@ -4,7 +4,8 @@
 //! On the flex backend (float32) [`conv2d_fused`] and [`max_pool2d`] run resnet-rs's own CPU
 //! kernels, plugged into Burn through its backend-extension mechanism ([`ResNetKernels`]):
 //! im2col plus a single-threaded GEMM per work unit, the bias, residual and ReLU applied while
-//! the block is in cache. Under autodiff (training) a plain convolution runs them forward and
+//! the block is in cache; the large 3x3 stride-1 convolutions through Winograd's F(2x2, 3x3)
+//! (see [`set_winograd`]). Under autodiff (training) a plain convolution runs them forward and
 //! backward (input and weight gradients); a convolution with bias, residual or ReLU is composed
 //! from Burn's differentiable operations. On every other backend both are exactly Burn's
 //! `relu(conv.forward(x) + residual)` and `pool.forward(x)`. The choice follows the tensors'
@@ -33,21 +34,24 @@ pub fn fast_kernels() -> bool {
     FAST_KERNELS.load(Ordering::Relaxed)
 }
 
-/// Let [`conv2d_fused`] use resnet-rs's AVX-512 micro-kernel where the CPU has AVX-512F (on by
-/// default); off, flex convolutions take the portable path (im2col and the `gemm` crate). For
-/// tests and benchmarks: results differ only by float rounding.
-pub fn set_avx512_kernel(enabled: bool) {
+/// Let [`conv2d_fused`] run the large 3x3 stride-1 convolutions on flex (at least 128 input
+/// and output channels, outputs of 14x14 and more, ungrouped) through Winograd's F(2x2, 3x3):
+/// on by default; 2.25x fewer multiplications, rounding at the direct convolution's level.
+/// Off, they take the direct im2col path. One difference besides rounding: a NaN or infinity
+/// in the input makes the outputs of every 2x2 output tile that reads it NaN (the transforms
+/// mix a tile's inputs), where a direct convolution keeps it to the outputs whose 3x3 window
+/// holds it. Turn it off where that matters.
+pub fn set_winograd(enabled: bool) {
     #[cfg(feature = "flex")]
-    crate::cpu_simd::set_enabled(enabled);
+    crate::cpu_winograd::set_enabled(enabled);
     #[cfg(not(feature = "flex"))]
     let _ = enabled;
 }
 
-/// Whether flex convolutions run the AVX-512 micro-kernel: the CPU has AVX-512F and
-/// [`set_avx512_kernel`] has not turned it off.
-pub fn avx512_kernel() -> bool {
+/// Whether [`set_winograd`] has the Winograd path on.
+pub fn winograd() -> bool {
     #[cfg(feature = "flex")]
-    return crate::cpu_simd::enabled();
+    return crate::cpu_winograd::enabled();
     #[cfg(not(feature = "flex"))]
     false
 }

@@ -4,13 +4,13 @@
 //! input, then batches, odd sizes, asymmetric padding, thread counts, and NaN inputs.
 #![cfg(feature = "flex")]
 
-use burn::module::Param;
+use burn::module::{Module, Param};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
-use resnet_model::ops::{conv2d_fused, max_pool2d};
+use resnet_model::ops::{conv2d_fused, max_pool2d, set_winograd};
 use resnet_model::{ARCHITECTURES, ResNetConfig, ResidualBlock};
 use std::collections::BTreeMap;
 
@@ -247,6 +247,109 @@ fn matches_burn_on_batches_odd_sizes_and_thread_counts() {
             }
         });
     }
+}
+
+#[test]
+fn winograd_matches_burn_and_does_not_depend_on_threads() {
+    // 3x3 stride-1 convolutions with >= 128 channels and >= 14x14 outputs take the Winograd
+    // path (at batch 1 the smaller ones stay direct); partial tiles, valid and asymmetric
+    // padding included.
+    let device = Device::flex();
+    let conv = |channels: [usize; 2], padding: [usize; 4]| {
+        let [top, left, bottom, right] = padding;
+        with_bias(
+            Conv2dConfig::new(channels, [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+                .init(&device),
+        )
+    };
+    let cases = [
+        (
+            conv([128, 128], [1; 4]),
+            8,
+            28,
+            28,
+            "ResNet-50 layer2, batch 8",
+        ),
+        (
+            conv([256, 256], [1; 4]),
+            8,
+            14,
+            14,
+            "ResNet-50 layer3, batch 8",
+        ),
+        (
+            conv([128, 160], [1; 4]),
+            3,
+            17,
+            15,
+            "odd sizes, partial tiles",
+        ),
+        (conv([128, 128], [0; 4]), 2, 16, 20, "no padding"),
+        (
+            conv([144, 128], [2, 0, 1, 1]),
+            2,
+            20,
+            20,
+            "asymmetric padding",
+        ),
+    ];
+    for (conv, batch, h, w, label) in &cases {
+        let x = Tensor::<4>::random(
+            [*batch, conv.weight.val().dims()[1], *h, *w],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let run = |threads: usize, winograd: bool| {
+            set_winograd(winograd);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
+            let out = pool.install(|| values(conv2d_fused(conv, x.clone(), None, true)));
+            set_winograd(true);
+            out
+        };
+        let one = run(1, true);
+        assert_eq!(one, run(3, true), "{label}: depends on the thread count");
+        assert_ne!(one, run(1, false), "{label}: the Winograd path did not run");
+        check(conv, *batch, *h, *w, label);
+    }
+}
+
+#[test]
+fn winograd_resnet50_matches_the_direct_path() {
+    // End to end, BatchNorms folded as `resnet bench` and `classify` run it: at batch 4 and
+    // 224x224 ResNet-50's 128- and 256-channel 3x3 convolutions take the Winograd path.
+    let device = Device::flex();
+    device.seed(5);
+    let model = ResNetConfig::resnet50()
+        .init(&device)
+        .valid()
+        .fold_batchnorm();
+    let x = Tensor::<4>::random([4, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
+    let logits = |winograd: bool| {
+        set_winograd(winograd);
+        let out: Vec<f32> = model
+            .forward(x.clone())
+            .into_data()
+            .try_to_vec()
+            .expect("float32 logits");
+        set_winograd(true);
+        out
+    };
+    let (direct, winograd) = (logits(false), logits(true));
+    assert_ne!(direct, winograd, "the Winograd path did not run");
+    let scale = direct.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let diff = direct
+        .iter()
+        .zip(&winograd)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!("ResNet-50 logits, Winograd vs direct: relative difference {:.2e}", diff / scale);
+    assert!(
+        diff <= 1e-5 * scale,
+        "Winograd logits differ by {diff} (largest logit {scale})"
+    );
 }
 
 #[test]
