@@ -345,7 +345,10 @@ fn winograd_resnet50_matches_the_direct_path() {
         .iter()
         .zip(&winograd)
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    println!("ResNet-50 logits, Winograd vs direct: relative difference {:.2e}", diff / scale);
+    println!(
+        "ResNet-50 logits, Winograd vs direct: relative difference {:.2e}",
+        diff / scale
+    );
     assert!(
         diff <= 1e-5 * scale,
         "Winograd logits differ by {diff} (largest logit {scale})"
