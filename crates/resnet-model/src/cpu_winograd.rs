@@ -37,9 +37,8 @@ const UNIT_FLOATS: usize = 512 * 1024;
 /// Fewer tiles per GEMM than this and the direct convolution is faster.
 const MIN_TILES_PER_UNIT: usize = 32;
 
-/// With fewer input or output channels than this, the transforms cost more than the GEMM
-/// saves (ResNet-50's 64-channel 56x56 convolutions measured no faster).
-const MIN_CHANNELS: usize = 128;
+/// With fewer input or output channels than this the transforms cost more than the GEMM saves.
+const MIN_CHANNELS: usize = 64;
 
 /// Outputs narrower than this take the direct path: ResNet-50's 512-channel 7x7 convolution
 /// measured 1.6x slower here (4x4 tiles for 49 outputs, and 16 MiB of transformed weights
@@ -218,17 +217,30 @@ unsafe fn run_unit(
     } = scratch;
     v.resize(16 * c * tiles, 0.0);
     prod.resize(16 * m * tiles, 0.0);
-    // One zero-padded input row (2 * tw + 2 elements), then h[r][b][j] for r, b in 0..4.
+    // One zero-padded input row (2 * tw + 2 elements), its even and odd halves, and four
+    // slots of h[b][j].
     let padded = 2 * tw + 2;
-    buf.resize(padded + 16 * tw, 0.0);
-    let (row_buf, h) = buf.split_at_mut(padded);
+    buf.resize(padded + 2 * (tw + 1) + 16 * tw, 0.0);
+    let (row_buf, rest) = buf.split_at_mut(padded);
+    let (halves, h) = rest.split_at_mut(2 * (tw + 1));
 
-    // V = Bt d B for every tile and input channel: V[xi][channel][tile].
+    // V = Bt d B for every tile and input channel: V[xi][channel][tile]. The horizontal half,
+    // h[b][j] = (d0 - d2, d1 + d2, d2 - d1, d1 - d3) of an input row's window at 2j, is kept
+    // per row in one of four slots: the next tile row of the same image reuses two of them.
     for channel in 0..c {
+        let mut previous = None;
+        let mut slots = [0usize, 1, 2, 3];
         for (i, row) in rows.clone().enumerate() {
             let (image, ty) = (row / plan.tiles_h, row % plan.tiles_h);
             let plane = &x[(image * c + channel) * plane_in..][..plane_in];
-            for r in 0..4 {
+            let first_new = if ty > 0 && previous == Some((image, ty - 1)) {
+                slots = [slots[2], slots[3], slots[0], slots[1]];
+                2
+            } else {
+                0
+            };
+            previous = Some((image, ty));
+            for (r, &slot) in slots.iter().enumerate().skip(first_new) {
                 let iy = (2 * ty + r) as isize - geo.pad_begin[0] as isize;
                 row_buf.fill(0.0);
                 if (0..geo.in_h as isize).contains(&iy) {
@@ -238,21 +250,27 @@ unsafe fn run_unit(
                     let len = geo.in_w.min(padded - pad);
                     row_buf[pad..pad + len].copy_from_slice(&src[..len]);
                 }
-                let hr = &mut h[r * 4 * tw..(r + 1) * 4 * tw];
+                // Even and odd elements apart, so that the windows are contiguous slices.
+                let (even, odd) = halves.split_at_mut(tw + 1);
+                for (j, pair) in row_buf.chunks_exact(2).enumerate() {
+                    even[j] = pair[0];
+                    odd[j] = pair[1];
+                }
+                let hr = &mut h[slot * 4 * tw..(slot + 1) * 4 * tw];
                 let (h0, rest) = hr.split_at_mut(tw);
                 let (h1, rest) = rest.split_at_mut(tw);
                 let (h2, h3) = rest.split_at_mut(tw);
+                let (e0, e1, o0, o1) = (&even[..tw], &even[1..], &odd[..tw], &odd[1..]);
                 for j in 0..tw {
-                    let d = &row_buf[2 * j..2 * j + 4];
-                    h0[j] = d[0] - d[2];
-                    h1[j] = d[1] + d[2];
-                    h2[j] = d[2] - d[1];
-                    h3[j] = d[1] - d[3];
+                    h0[j] = e0[j] - e1[j];
+                    h1[j] = o0[j] + e1[j];
+                    h2[j] = e1[j] - o0[j];
+                    h3[j] = o0[j] - o1[j];
                 }
             }
             let col = i * tw;
             for b in 0..4 {
-                let hb = |r: usize| &h[(r * 4 + b) * tw..(r * 4 + b + 1) * tw];
+                let hb = |r: usize| &h[(slots[r] * 4 + b) * tw..(slots[r] * 4 + b + 1) * tw];
                 let (r0, r1, r2, r3) = (hb(0), hb(1), hb(2), hb(3));
                 let at = |a: usize| ((a * 4 + b) * c + channel) * tiles + col;
                 for j in 0..tw {

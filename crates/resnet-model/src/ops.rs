@@ -34,7 +34,7 @@ pub fn fast_kernels() -> bool {
     FAST_KERNELS.load(Ordering::Relaxed)
 }
 
-/// Let [`conv2d_fused`] run the large 3x3 stride-1 convolutions on flex (at least 128 input
+/// Let [`conv2d_fused`] run the large 3x3 stride-1 convolutions on flex (at least 64 input
 /// and output channels, outputs of 14x14 and more, ungrouped) through Winograd's F(2x2, 3x3):
 /// on by default; 2.25x fewer multiplications, rounding at the direct convolution's level.
 /// Off, they take the direct im2col path. One difference besides rounding: a NaN or infinity

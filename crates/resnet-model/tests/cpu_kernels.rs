@@ -249,9 +249,14 @@ fn matches_burn_on_batches_odd_sizes_and_thread_counts() {
     }
 }
 
+/// Held by the tests that flip `set_winograd` (a process-wide switch), so that they do not
+/// flip it under each other. Other tests may run either path: both are checked against Burn.
+static WINOGRAD_SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn winograd_matches_burn_and_does_not_depend_on_threads() {
-    // 3x3 stride-1 convolutions with >= 128 channels and >= 14x14 outputs take the Winograd
+    let _switch = WINOGRAD_SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    // 3x3 stride-1 convolutions with >= 64 channels and >= 14x14 outputs take the Winograd
     // path (at batch 1 the smaller ones stay direct); partial tiles, valid and asymmetric
     // padding included.
     let device = Device::flex();
@@ -264,6 +269,13 @@ fn winograd_matches_burn_and_does_not_depend_on_threads() {
         )
     };
     let cases = [
+        (
+            conv([64, 64], [1; 4]),
+            1,
+            56,
+            56,
+            "ResNet-18 layer1, batch 1",
+        ),
         (
             conv([128, 128], [1; 4]),
             8,
@@ -319,6 +331,7 @@ fn winograd_matches_burn_and_does_not_depend_on_threads() {
 
 #[test]
 fn winograd_resnet50_matches_the_direct_path() {
+    let _switch = WINOGRAD_SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     // End to end, BatchNorms folded as `resnet bench` and `classify` run it: at batch 4 and
     // 224x224 ResNet-50's 128- and 256-channel 3x3 convolutions take the Winograd path.
     let device = Device::flex();
