@@ -154,7 +154,9 @@ pub(crate) fn conv2d(
     relu: bool,
 ) -> Vec<f32> {
     let u = transform_weights(geo, weight);
-    let mut out = vec![0.0f32; geo.batch * geo.out_channels * geo.out_h * geo.out_w];
+    let len = geo.batch * geo.out_channels * geo.out_h * geo.out_w;
+    // Not zeroed: every output row is written once, by the unit holding its tile row.
+    let mut out: Vec<f32> = Vec::with_capacity(len);
     let shared = SharedOut(out.as_mut_ptr());
     let run = |unit: usize| {
         let first = unit * plan.rows_per_unit;
@@ -183,14 +185,18 @@ pub(crate) fn conv2d(
     } else {
         (0..plan.units).into_par_iter().for_each(run);
     }
+    // SAFETY: the units' tile rows cover every (image, tile row), and each writes all output
+    // rows of its tile rows (both, or one at an odd bottom edge) for every channel.
+    unsafe { out.set_len(len) };
     out
 }
 
 /// One unit: tile rows `rows` (batch-wide: `image * tiles_h + tile_row`).
 ///
 /// # Safety
-/// `out` must point to the output (`batch * out_channels * out_h * out_w` floats), and no
-/// other thread may write the output rows of these tile rows during the call.
+/// `out` must be valid for writes of the output (`batch * out_channels * out_h * out_w`
+/// floats, possibly uninitialized: rows are written whole before anything reads them), and no
+/// other thread may touch the output rows of these tile rows during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_unit(
     geo: &Conv2dGeometry,
@@ -348,24 +354,24 @@ unsafe fn run_unit(
                     break;
                 }
                 let start = (image * m + oc) * plane_out + oy * geo.out_w;
-                // SAFETY: output row `oy` of this channel and image belongs to this unit.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.add(start), geo.out_w) };
-                let src = &y[(oc * 2 + dy) * width..][..geo.out_w];
+                let row = &mut y[(oc * 2 + dy) * width..][..geo.out_w];
                 match residual {
                     Some(r) => {
-                        let r = &r[start..start + geo.out_w];
-                        for ((d, &s), &r) in dst.iter_mut().zip(src).zip(r) {
-                            let v = s + bias + r;
-                            *d = if relu { relu_nan(v) } else { v };
+                        for (v, &r) in row.iter_mut().zip(&r[start..start + geo.out_w]) {
+                            let sum = *v + bias + r;
+                            *v = if relu { relu_nan(sum) } else { sum };
                         }
                     }
                     None => {
-                        for (d, &s) in dst.iter_mut().zip(src) {
-                            let v = s + bias;
-                            *d = if relu { relu_nan(v) } else { v };
+                        for v in row.iter_mut() {
+                            let sum = *v + bias;
+                            *v = if relu { relu_nan(sum) } else { sum };
                         }
                     }
                 }
+                // SAFETY: output row `oy` of this channel and image lies inside `out` and
+                // belongs to this unit.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(start), row.len()) };
             }
         }
     }
