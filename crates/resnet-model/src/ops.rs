@@ -37,10 +37,9 @@ pub fn fast_kernels() -> bool {
 /// Let [`conv2d_fused`] run the large 3x3 stride-1 convolutions on flex (at least 64 input
 /// and output channels, outputs of 14x14 and more, ungrouped) through Winograd's F(2x2, 3x3):
 /// on by default; 2.25x fewer multiplications, rounding at the direct convolution's level.
-/// Off, they take the direct im2col path. One difference besides rounding: a NaN or infinity
-/// in the input makes the outputs of every 2x2 output tile that reads it NaN (the transforms
-/// mix a tile's inputs), where a direct convolution keeps it to the outputs whose 3x3 window
-/// holds it. Turn it off where that matters.
+/// Off, they take the direct im2col path. A NaN in the input reaches exactly the outputs it
+/// reaches with a direct convolution; an infinity reaches the same outputs but may come out as
+/// NaN (Inf - Inf inside the transforms) where the direct convolution gives +-Inf.
 pub fn set_winograd(enabled: bool) {
     #[cfg(feature = "flex")]
     crate::cpu_winograd::set_enabled(enabled);

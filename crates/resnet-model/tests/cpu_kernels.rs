@@ -470,6 +470,48 @@ fn nan_inputs_give_nan_outputs() {
     );
 }
 
+#[test]
+fn winograd_keeps_nan_and_infinity_where_direct_convolution_has_them() {
+    // The transforms' zero coefficients are left out, not multiplied, so a NaN reaches exactly
+    // the outputs whose 3x3 window holds it. An infinity reaches the same outputs, but may come
+    // out as NaN (Inf - Inf inside the transforms) where the direct convolution gives +-Inf.
+    let _switch = WINOGRAD_SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex();
+    let conv = with_bias(
+        Conv2dConfig::new([64, 64], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device),
+    );
+    for special in [f32::NAN, f32::INFINITY] {
+        let mut input: Vec<f32> = (0..4 * 64 * 14 * 14)
+            .map(|i| (i % 7) as f32 - 3.0)
+            .collect();
+        // Image 1, channel 5, row 6, column 9; and a tile corner: image 2, channel 0, (3, 3).
+        input[(64 + 5) * 14 * 14 + 6 * 14 + 9] = special;
+        input[(2 * 64) * 14 * 14 + 3 * 14 + 3] = special;
+        let x = Tensor::<1>::from_floats(input.as_slice(), &device).reshape([4, 64, 14, 14]);
+        let ours = values(conv2d_fused(&conv, x.clone(), None, false));
+        set_winograd(false);
+        let direct = values(conv2d_fused(&conv, x.clone(), None, false));
+        set_winograd(true);
+        let expected = values(reference(&conv, x, None, false));
+        assert_ne!(ours, direct, "the Winograd path did not run");
+        let special_outputs = expected.iter().filter(|v| !v.is_finite()).count();
+        assert_eq!(special_outputs, 2 * 9 * 64, "{special}: Burn's convolution");
+        for (i, (a, b)) in ours.iter().zip(&expected).enumerate() {
+            if special.is_nan() {
+                assert_eq!(a.is_nan(), b.is_nan(), "{special}: output {i}: {a} vs {b}");
+            } else {
+                assert_eq!(
+                    a.is_finite(),
+                    b.is_finite(),
+                    "{special}: output {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(feature = "autodiff")]
 /// Input and weight gradients of `sum(conv(x) * upstream)`: through `conv2d_fused` (resnet-rs's
 /// forward and backward kernels on an autodiff flex device) and through `conv.forward`
