@@ -11,7 +11,8 @@
 //! cores stay busy at batch 1 too, where Burn's own kernel leaves the small late layers to one
 //! thread. The backward passes reuse the same pieces: `W^T * dY` then col2im for the input
 //! gradient, `dY * columns^T` summed over fixed parts of the batch for the weight gradient (so
-//! that no result depends on the thread count).
+//! that no result depends on the thread count). The large 3x3 stride-1 convolutions go to
+//! `cpu_winograd` instead (forward only; their gradients use the direct pieces here).
 
 use burn::tensor::ops::ConvOptions;
 use rayon::prelude::*;

@@ -1,6 +1,6 @@
-//! Winograd F(2x2, 3x3) for the 3x3 stride-1 convolutions (half of ResNet-50's convolution
-//! time): each 2x2 block of outputs comes from a 4x4 input tile through 16 products instead of
-//! 36, so the GEMM work drops 2.25x.
+//! Winograd F(2x2, 3x3) for the large 3x3 stride-1 convolutions (a third of ResNet-50's
+//! convolution time, most of ResNet-18's): each 2x2 block of outputs comes from a 4x4 input
+//! tile through 16 products instead of 36, so the GEMM work drops 2.25x.
 //!
 //! With the transforms `Bt = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`,
 //! `G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]` and `At = [[1,1,1,0],[0,1,-1,-1]]`, the
