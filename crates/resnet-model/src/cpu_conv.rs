@@ -114,7 +114,7 @@ impl Conv2dGeometry {
         self.out_channels * self.patch_len()
     }
 
-    fn output_len(&self) -> usize {
+    pub(crate) fn output_len(&self) -> usize {
         self.batch * self.out_channels * self.out_h * self.out_w
     }
 
@@ -818,14 +818,14 @@ fn for_each_segment(
 
 /// A matrix operand: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy)]
-struct Mat {
+pub(crate) struct Mat {
     ptr: *const f32,
     rs: usize,
     cs: usize,
 }
 
 impl Mat {
-    fn row_major(data: &[f32], cols: usize) -> Self {
+    pub(crate) fn row_major(data: &[f32], cols: usize) -> Self {
         Self {
             ptr: data.as_ptr(),
             rs: cols,
@@ -833,7 +833,7 @@ impl Mat {
         }
     }
 
-    fn transposed(self) -> Self {
+    pub(crate) fn transposed(self) -> Self {
         Self {
             ptr: self.ptr,
             rs: self.cs,
@@ -848,7 +848,7 @@ impl Mat {
 /// `lhs` and `rhs` must be valid for reads of every element their strides address for these
 /// sizes; `dst` for writes of `m` rows of `n` floats `dst_rs` apart, not aliased.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_mat(
+pub(crate) unsafe fn gemm_mat(
     m: usize,
     n: usize,
     k: usize,

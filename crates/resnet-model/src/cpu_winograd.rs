@@ -13,23 +13,9 @@
 //! transformed inputs and products of a unit stay in cache; the plan depends on the shape
 //! only, never on the thread count, so results do not either.
 
-use super::cpu_conv::{BALANCED_UNITS, Conv2dGeometry, SharedOut, relu_nan};
+use super::cpu_conv::{BALANCED_UNITS, Conv2dGeometry, Mat, SharedOut, gemm_mat, relu_nan};
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turn this path on or off (on by default); off, 3x3 convolutions run the direct path.
-pub(crate) fn set_enabled(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether this path is on (see [`set_enabled`]).
-pub(crate) fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
 /// A unit's transformed inputs (16 x in_channels x tiles) and products (16 x out_channels x
 /// tiles) stay within about this many floats together.
 const UNIT_FLOATS: usize = 512 * 1024;
@@ -57,7 +43,7 @@ pub(crate) struct Plan {
 impl Plan {
     /// The plan for `geo`, or `None` where this path does not apply or would not pay.
     pub(crate) fn new(geo: &Conv2dGeometry) -> Option<Self> {
-        let applies = enabled()
+        let applies = crate::ops::winograd()
             && geo.kernel == [3, 3]
             && geo.stride == [1, 1]
             && geo.dilation == [1, 1]
@@ -154,7 +140,7 @@ pub(crate) fn conv2d(
     relu: bool,
 ) -> Vec<f32> {
     let u = transform_weights(geo, weight);
-    let len = geo.batch * geo.out_channels * geo.out_h * geo.out_w;
+    let len = geo.output_len();
     // Not zeroed: every output row is written once, by the unit holding its tile row.
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let shared = SharedOut(out.as_mut_ptr());
@@ -291,32 +277,23 @@ unsafe fn run_unit(
 
     // M[xi] = U[xi] (m x c) * V[xi] (c x tiles), stored tiles x m (output channels
     // contiguous: the GEMM's wide register blocks then run along the channels, which are a
-    // multiple of 64, rather than along a unit's tiles, which are not).
+    // multiple of 64, rather than along a unit's tiles, which are not). As one product:
+    // M[xi]^T (tiles x m) = V[xi]^T (tiles x c) * U[xi]^T (c x m, U's in x out layout).
     for xi in 0..16 {
-        // SAFETY: U[xi] holds c x m floats (element (oc, ic) at ic * m + oc), V[xi] c x tiles
-        // (element (ic, t) at ic * tiles + t), and the destination tiles x m floats (element
-        // (oc, t) at t * m + oc), all inside their buffers.
+        let lhs = Mat::row_major(&v[xi * c * tiles..(xi + 1) * c * tiles], tiles).transposed();
+        let rhs = Mat::row_major(&u[xi * c * m..(xi + 1) * c * m], m);
+        // SAFETY: lhs is tiles x c (V[xi], c x tiles floats), rhs c x m (U[xi]), and the
+        // destination tiles rows of m floats inside `prod`.
         unsafe {
-            gemm::gemm(
-                m,
+            gemm_mat(
                 tiles,
+                m,
                 c,
                 prod[xi * m * tiles..].as_mut_ptr(),
-                m as isize,
-                1,
+                m,
                 false,
-                u[xi * c * m..].as_ptr(),
-                m as isize,
-                1,
-                v[xi * c * tiles..].as_ptr(),
-                1,
-                tiles as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                lhs,
+                rhs,
             )
         };
     }

@@ -20,6 +20,7 @@ use burn::tensor::ops::ConvOptions;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
+static WINOGRAD: AtomicBool = AtomicBool::new(true);
 
 /// Turn resnet-rs's own CPU kernels on or off for the whole process (on by default).
 ///
@@ -41,18 +42,12 @@ pub fn fast_kernels() -> bool {
 /// reaches with a direct convolution; an infinity reaches the same outputs but may come out as
 /// NaN (Inf - Inf inside the transforms) where the direct convolution gives +-Inf.
 pub fn set_winograd(enabled: bool) {
-    #[cfg(feature = "flex")]
-    crate::cpu_winograd::set_enabled(enabled);
-    #[cfg(not(feature = "flex"))]
-    let _ = enabled;
+    WINOGRAD.store(enabled, Ordering::Relaxed);
 }
 
 /// Whether [`set_winograd`] has the Winograd path on.
 pub fn winograd() -> bool {
-    #[cfg(feature = "flex")]
-    return crate::cpu_winograd::enabled();
-    #[cfg(not(feature = "flex"))]
-    false
+    WINOGRAD.load(Ordering::Relaxed)
 }
 
 /// `act(conv(input) + residual)`, with `act` the ReLU when `apply_relu`, else the identity.
