@@ -52,7 +52,7 @@ pub struct Args {
     /// the latter save.
     #[arg(long)]
     burn_conv: bool,
-    /// Run the forward 3x3 convolutions directly instead of with Winograd's F(2x2, 3x3).
+    /// Run the forward 3x3 convolutions directly instead of with Winograd's algorithm.
     #[arg(long)]
     no_winograd: bool,
 }

@@ -39,7 +39,7 @@ pub struct BenchArgs {
     #[arg(long)]
     burn_conv: bool,
     /// Run the 3x3 convolutions that resnet-rs's CPU kernels would compute with Winograd's
-    /// F(2x2, 3x3) as direct convolutions instead, to measure what Winograd saves.
+    /// algorithm as direct convolutions instead, to measure what Winograd saves.
     #[arg(long)]
     no_winograd: bool,
     /// Print one JSON object instead of text.
@@ -58,7 +58,7 @@ struct Report {
     batchnorm_folded: bool,
     /// Whether resnet-rs's fused CPU convolution was on (it only applies to flex).
     fast_conv: bool,
-    /// Whether it ran the large 3x3 convolutions with Winograd's F(2x2, 3x3).
+    /// Whether it ran the large 3x3 convolutions with Winograd's algorithm.
     winograd: bool,
     iters: usize,
     median_ms: f64,

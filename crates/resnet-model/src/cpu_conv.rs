@@ -106,11 +106,11 @@ impl Conv2dGeometry {
         [self.batch, self.out_channels, self.out_h, self.out_w]
     }
 
-    fn input_len(&self) -> usize {
+    pub(crate) fn input_len(&self) -> usize {
         self.batch * self.in_channels * self.in_h * self.in_w
     }
 
-    fn weight_len(&self) -> usize {
+    pub(crate) fn weight_len(&self) -> usize {
         self.out_channels * self.patch_len()
     }
 
@@ -241,8 +241,12 @@ pub(crate) fn conv2d(
     if let Some(residual) = residual {
         assert_eq!(residual.len(), geo.output_len(), "conv2d residual length");
     }
-    if let Some(plan) = crate::cpu_winograd::Plan::new(geo) {
-        return crate::cpu_winograd::conv2d(geo, &plan, x, weight, bias, residual, relu);
+    // Winograd where it applies, unless an output came out NaN or infinite there: then the
+    // direct path below recomputes it (and gives NaN and infinity their direct positions).
+    if let Some(out) = crate::cpu_winograd::Plan::new(geo)
+        .and_then(|plan| crate::cpu_winograd::conv2d(geo, &plan, x, weight, bias, residual, relu))
+    {
+        return out;
     }
     let len = geo.output_len();
     let pixels = geo.out_h * geo.out_w;

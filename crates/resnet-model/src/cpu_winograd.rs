@@ -1,23 +1,31 @@
-//! Winograd F(2x2, 3x3) for the large 3x3 stride-1 convolutions (a third of ResNet-50's
-//! convolution time, most of ResNet-18's): each 2x2 block of outputs comes from a 4x4 input
-//! tile through 16 products instead of 36, so the GEMM work drops 2.25x.
+//! Winograd convolutions for the large 3x3 stride-1 convolutions (a third of ResNet-50's
+//! convolution time, most of ResNet-18's): F(2x2, 3x3) makes each 2x2 block of outputs from a
+//! 4x4 input tile through 16 products instead of 36 (2.25x less GEMM work), F(4x4, 3x3) each
+//! 4x4 block from a 6x6 tile through 36 products instead of 144 (4x less).
 //!
-//! With the transforms `Bt = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`,
-//! `G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]` and `At = [[1,1,1,0],[0,1,-1,-1]]`, the
-//! output block of tile `d` is `At [(G g Gt) * (Bt d B)] A` summed over input channels: the
-//! elementwise product becomes 16 GEMMs `M[xi] = U[xi] (out x in) * V[xi] (in x tiles)`.
-//! The coefficients are 0, +-1 and +-1/2, so the rounding stays at direct convolution's level
-//! (the tests hold it to the same tolerance against Burn's convolution).
+//! With `n x n` output tiles and `a = n + 2`, the output block of input tile `d` is
+//! `At [(G g Gt) * (Bt d B)] A` summed over input channels (`Bt` is a x a, `G` a x 3, `At`
+//! n x a; the `Variant` impls spell them out): the elementwise product becomes `a * a` GEMMs
+//! `M[xi] = U[xi] (out x in) * V[xi] (in x tiles)`. F(2x2, 3x3)'s coefficients are 0, +-1 and
+//! +-1/2, so it rounds like the direct convolution; F(4x4, 3x3)'s reach 8 (and 1/24), which
+//! costs about half a decimal digit (3e-6 to 7e-6 of the largest output against 1e-6; the
+//! tests bound both). [`Plan`] picks F(4x4, 3x3) where it pays (ResNet-50's 56x56 and 28x28
+//! stages at batch 8: 18% and 25% faster than F(2x2, 3x3)) and F(2x2, 3x3) elsewhere.
 //!
-//! Work units are runs of tile rows (2 output rows each) across the batch, sized so that the
-//! transformed inputs and products of a unit stay in cache; the plan depends on the shape
-//! only, never on the thread count, so results do not either.
+//! Work units are runs of tile rows across the batch, sized so that the transformed inputs and
+//! products of a unit stay in cache; the plan depends on the shape only, never on the thread
+//! count, so results do not either. Where any output comes out NaN or infinite, the caller
+//! recomputes the convolution directly ([`conv2d`] returns `None`): the transforms mix a tile's
+//! inputs, so a NaN or an infinity would reach outputs outside its 3x3 window, or turn an
+//! infinity into a NaN (Inf - Inf).
 
 use super::cpu_conv::{BALANCED_UNITS, Conv2dGeometry, Mat, SharedOut, gemm_mat, relu_nan};
 use rayon::prelude::*;
 use std::cell::RefCell;
-/// A unit's transformed inputs (16 x in_channels x tiles) and products (16 x out_channels x
-/// tiles) stay within about this many floats together.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A unit's transformed inputs (a * a x in_channels x tiles) and products (a * a x
+/// out_channels x tiles) stay within about this many floats together.
 const UNIT_FLOATS: usize = 512 * 1024;
 
 /// Fewer tiles per GEMM than this and the direct convolution is faster.
@@ -26,14 +34,143 @@ const MIN_TILES_PER_UNIT: usize = 32;
 /// With fewer input or output channels than this the transforms cost more than the GEMM saves.
 const MIN_CHANNELS: usize = 64;
 
+/// F(4x4, 3x3) needs at least this many tiles per call (over the batch): its weight transform
+/// makes 36 matrices per call instead of 16, which fewer tiles do not repay (ResNet-18's
+/// 64-channel 56x56 convolution at batch 1, 196 tiles: 0.92 ms against F2's 0.85; at batch 8,
+/// 6.0 against 7.3).
+const MIN_F4_TILES: usize = 256;
+
 /// Outputs narrower than this take the direct path: ResNet-50's 512-channel 7x7 convolution
-/// measured 1.6x slower here (4x4 tiles for 49 outputs, and 16 MiB of transformed weights
-/// per call).
+/// measured 1.6x slower here with F(2x2, 3x3) (4x4 tiles for 49 outputs, and 16 MiB of
+/// transformed weights per call).
 const MIN_OUTPUT_SIDE: usize = 14;
+
+/// One Winograd variant F(N x N, 3x3), with input tiles of side `A = N + 2`. The transforms
+/// act on one column of a tile.
+trait Variant<const N: usize, const A: usize> {
+    /// `Bt d` for one column `d` of an input tile.
+    fn input(d: [f32; A]) -> [f32; A];
+    /// `G g` for one column `g` of a 3x3 filter.
+    fn weight(g: [f32; 3]) -> [f32; A];
+    /// `At m` for one column `m` of a product tile.
+    fn output(m: [f32; A]) -> [f32; N];
+}
+
+/// F(2x2, 3x3): `Bt = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`,
+/// `G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]`, `At = [[1,1,1,0],[0,1,-1,-1]]`.
+struct F2;
+
+impl Variant<2, 4> for F2 {
+    #[inline(always)]
+    fn input([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+        [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+    }
+
+    #[inline(always)]
+    fn weight([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
+        [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+    }
+
+    #[inline(always)]
+    fn output([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+        [m0 + m1 + m2, m1 - m2 - m3]
+    }
+}
+
+/// F(4x4, 3x3) on the points 0, +-1, +-2 (Lavin and Gray's matrices):
+/// `Bt = [[4,0,-5,0,1,0],[0,-4,-4,1,1,0],[0,4,-4,-1,1,0],[0,-2,-1,2,1,0],[0,2,-1,-2,1,0],
+/// [0,4,0,-5,0,1]]`, `G = [[1/4,0,0],[-1/6,-1/6,-1/6],[-1/6,1/6,-1/6],[1/24,1/12,1/6],
+/// [1/24,-1/12,1/6],[0,0,1]]`, `At = [[1,1,1,1,1,0],[0,1,-1,2,-2,0],[0,1,1,4,4,0],
+/// [0,1,-1,8,-8,1]]`.
+struct F4;
+
+impl Variant<4, 6> for F4 {
+    #[inline(always)]
+    fn input([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+        [
+            4.0 * d0 - 5.0 * d2 + d4,
+            d4 + d3 - 4.0 * (d1 + d2),
+            d4 - d3 + 4.0 * (d1 - d2),
+            d4 - d2 + 2.0 * (d3 - d1),
+            d4 - d2 - 2.0 * (d3 - d1),
+            4.0 * d1 - 5.0 * d3 + d5,
+        ]
+    }
+
+    #[inline(always)]
+    fn weight([g0, g1, g2]: [f32; 3]) -> [f32; 6] {
+        [
+            0.25 * g0,
+            -(g0 + g1 + g2) / 6.0,
+            -(g0 - g1 + g2) / 6.0,
+            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+            g2,
+        ]
+    }
+
+    #[inline(always)]
+    fn output([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+        [
+            m0 + m1 + m2 + m3 + m4,
+            m1 - m2 + 2.0 * (m3 - m4),
+            m1 + m2 + 4.0 * (m3 + m4),
+            m1 - m2 + 8.0 * (m3 - m4) + m5,
+        ]
+    }
+}
+
+/// `dst[l][j] = f(src[0][j], .., src[K-1][j])[l]` for `j < len`: one transform applied along
+/// `len` columns at once (the loop vectorizes along `j`).
+#[inline(always)]
+fn apply<const K: usize, const L: usize>(
+    src: [&[f32]; K],
+    dst: [&mut [f32]; L],
+    len: usize,
+    f: impl Fn([f32; K]) -> [f32; L],
+) {
+    let src = src.map(|s| &s[..len]);
+    let mut dst = dst.map(|d| &mut d[..len]);
+    for j in 0..len {
+        let values = f(std::array::from_fn(|k| src[k][j]));
+        for (d, value) in dst.iter_mut().zip(values) {
+            d[j] = value;
+        }
+    }
+}
+
+/// `L` disjoint runs of `len` floats of `data`, at `start + i * stride` (`stride >= len`).
+fn strided_mut<const L: usize>(
+    data: &mut [f32],
+    start: usize,
+    stride: usize,
+    len: usize,
+) -> [&mut [f32]; L] {
+    let mut rest = &mut data[start..];
+    std::array::from_fn(|_| {
+        let taken = std::mem::take(&mut rest);
+        let (head, tail) = taken.split_at_mut(stride.min(taken.len()));
+        rest = tail;
+        &mut head[..len]
+    })
+}
+
+/// `L` runs of `len` floats of `data`, at `start + i * stride`.
+fn strided<const L: usize>(data: &[f32], start: usize, stride: usize, len: usize) -> [&[f32]; L] {
+    std::array::from_fn(|i| &data[start + i * stride..][..len])
+}
+
+/// Which variant a convolution runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tile {
+    F2,
+    F4,
+}
 
 /// How a convolution is cut: runs of `rows_per_unit` tile rows over `batch * tiles_h` rows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Plan {
+    tile: Tile,
     tiles_h: usize,
     tiles_w: usize,
     rows_per_unit: usize,
@@ -55,9 +192,29 @@ impl Plan {
         if !applies {
             return None;
         }
-        let (tiles_h, tiles_w) = (geo.out_h.div_ceil(2), geo.out_w.div_ceil(2));
+        // F(4x4, 3x3) does 4x less GEMM work than the direct convolution on whole tiles,
+        // F(2x2, 3x3) 2.25x; partial tiles at the edges waste some of that. F4 where it saves
+        // at least 1.5x what F2 saves (28x28 and 56x56 outputs: 1.78x; 14x14: 1.36x, as its
+        // 4x4 tiles cover 16x16), where the batch has enough tiles to repay its larger weight
+        // transform, and where its units get enough tiles; else F2.
+        let covered = |n: usize| geo.out_h.next_multiple_of(n) * geo.out_w.next_multiple_of(n);
+        let f4_pays = 4.0 * covered(2) as f64 >= 1.5 * 2.25 * covered(4) as f64
+            && geo.batch * covered(4) / 16 >= MIN_F4_TILES;
+        f4_pays
+            .then(|| Self::with_tile(geo, Tile::F4))
+            .flatten()
+            .or_else(|| Self::with_tile(geo, Tile::F2))
+    }
+
+    /// The plan with `tile`, or `None` where its units would have too few tiles.
+    fn with_tile(geo: &Conv2dGeometry, tile: Tile) -> Option<Self> {
+        let (n, a) = match tile {
+            Tile::F2 => (2, 4),
+            Tile::F4 => (4, 6),
+        };
+        let (tiles_h, tiles_w) = (geo.out_h.div_ceil(n), geo.out_w.div_ceil(n));
         let rows = geo.batch * tiles_h;
-        let per_tile = 16 * (geo.in_channels + geo.out_channels);
+        let per_tile = a * a * (geo.in_channels + geo.out_channels);
         let fit_rows = (UNIT_FLOATS / (per_tile * tiles_w)).max(1);
         // A multiple of BALANCED_UNITS units, so that 1, 2 or 4 threads share them evenly.
         let units = rows
@@ -67,6 +224,7 @@ impl Plan {
         let rows_per_unit = rows.div_ceil(units);
         let units = rows.div_ceil(rows_per_unit);
         (rows_per_unit * tiles_w >= MIN_TILES_PER_UNIT).then_some(Self {
+            tile,
             tiles_h,
             tiles_w,
             rows_per_unit,
@@ -75,60 +233,78 @@ impl Plan {
     }
 }
 
-/// Per-thread scratch: transformed inputs, products, row buffers and output rows.
+/// Per-thread scratch: transformed inputs, products, row buffers, output rows and one
+/// output tile's transform.
 #[derive(Default)]
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
     rows: Vec<f32>,
     y: Vec<f32>,
+    tile: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// `U = G g Gt` for every (output, input) channel pair: 16 matrices of `in x out`, row-major
-/// (output channels contiguous, as the GEMM reads them without packing).
-fn transform_weights(geo: &Conv2dGeometry, weight: &[f32]) -> Vec<f32> {
+/// `U = G g Gt` for every (output, input) channel pair: `A * A` matrices of `in x out`,
+/// row-major (output channels contiguous, as the GEMM reads them without packing).
+fn transform_weights<V: Variant<N, A>, const N: usize, const A: usize>(
+    geo: &Conv2dGeometry,
+    weight: &[f32],
+) -> Vec<f32> {
+    /// Input channels per parallel task.
+    const BLOCK: usize = 16;
     let (m, c) = (geo.out_channels, geo.in_channels);
-    let g_rows = |g: [f32; 3]| {
-        [
-            g[0],
-            0.5 * (g[0] + g[1] + g[2]),
-            0.5 * (g[0] - g[1] + g[2]),
-            g[2],
-        ]
-    };
-    // Block by input channel: each block writes 16 contiguous runs of `m` values.
-    let blocks: Vec<Vec<f32>> = (0..c)
-        .into_par_iter()
-        .map(|ic| {
-            let mut block = vec![0.0f32; 16 * m];
-            for oc in 0..m {
-                let g = &weight[(oc * c + ic) * 9..][..9];
-                // t = G g (4 x 3), then U = t Gt (4 x 4).
-                let cols = [0, 1, 2].map(|j| g_rows([g[j], g[3 + j], g[6 + j]]));
-                for a in 0..4 {
-                    let row = g_rows([cols[0][a], cols[1][a], cols[2][a]]);
-                    for (b, &v) in row.iter().enumerate() {
-                        block[(a * 4 + b) * m + oc] = v;
-                    }
-                }
-            }
-            block
-        })
+    let mut u = vec![0.0f32; A * A * c * m];
+    // Each task owns a run of BLOCK input channels (BLOCK * m values) in every matrix.
+    let mut blocks: Vec<Vec<&mut [f32]>> = (0..c.div_ceil(BLOCK))
+        .map(|_| Vec::with_capacity(A * A))
         .collect();
-    let mut u = vec![0.0f32; 16 * c * m];
-    for (ic, block) in blocks.iter().enumerate() {
-        for xi in 0..16 {
-            u[(xi * c + ic) * m..][..m].copy_from_slice(&block[xi * m..(xi + 1) * m]);
+    for matrix in u.chunks_exact_mut(c * m) {
+        for (block, part) in blocks.iter_mut().zip(matrix.chunks_mut(BLOCK * m)) {
+            block.push(part);
         }
     }
+    blocks
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(block, mut parts)| {
+            // Per input channel, across all output channels at once (vectors along `oc`): the
+            // filters g[k][oc], then t = G g as t[r][j][oc], then row r of U, G t[r], into the
+            // matrices r * A..(r + 1) * A.
+            let mut g = vec![0.0f32; 9 * m];
+            let mut t = vec![0.0f32; A * 3 * m];
+            for local in 0..parts[0].len() / m {
+                let ic = block * BLOCK + local;
+                for oc in 0..m {
+                    let filter = &weight[(oc * c + ic) * 9..][..9];
+                    for (k, &value) in filter.iter().enumerate() {
+                        g[k * m + oc] = value;
+                    }
+                }
+                for j in 0..3 {
+                    let dst = strided_mut::<A>(&mut t, j * m, 3 * m, m);
+                    apply(strided::<3>(&g, j * m, 3 * m, m), dst, m, V::weight);
+                }
+                for (r, row_parts) in parts.chunks_exact_mut(A).enumerate() {
+                    let mut parts = row_parts.iter_mut();
+                    let dst: [&mut [f32]; A] = std::array::from_fn(|_| {
+                        parts
+                            .next()
+                            .map_or(Default::default(), |part| &mut part[local * m..][..m])
+                    });
+                    apply(strided::<3>(&t, r * 3 * m, m, m), dst, m, V::weight);
+                }
+            }
+        });
     u
 }
 
-/// `act(conv2d(x, weight) + bias + residual)` in NCHW for a geometry with a [`Plan`].
+/// `act(conv2d(x, weight) + bias + residual)` in NCHW for a geometry with a [`Plan`], or
+/// `None` where an output came out NaN or infinite (the caller then computes it directly, so
+/// that NaN and infinity reach exactly the outputs they reach there).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d(
     geo: &Conv2dGeometry,
@@ -138,20 +314,37 @@ pub(crate) fn conv2d(
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     relu: bool,
-) -> Vec<f32> {
-    let u = transform_weights(geo, weight);
+) -> Option<Vec<f32>> {
+    match plan.tile {
+        Tile::F2 => conv2d_with::<F2, 2, 4>(geo, plan, x, weight, bias, residual, relu),
+        Tile::F4 => conv2d_with::<F4, 4, 6>(geo, plan, x, weight, bias, residual, relu),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv2d_with<V: Variant<N, A>, const N: usize, const A: usize>(
+    geo: &Conv2dGeometry,
+    plan: &Plan,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Option<Vec<f32>> {
+    let u = transform_weights::<V, N, A>(geo, weight);
     let len = geo.output_len();
     // Not zeroed: every output row is written once, by the unit holding its tile row.
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let shared = SharedOut(out.as_mut_ptr());
+    let finite = AtomicBool::new(true);
     let run = |unit: usize| {
         let first = unit * plan.rows_per_unit;
         let rows = first..(first + plan.rows_per_unit).min(geo.batch * plan.tiles_h);
         SCRATCH.with_borrow_mut(|scratch| {
             // SAFETY: the unit writes only the output rows of its tile rows, which no other
             // unit covers; `out` has the output's length.
-            unsafe {
-                run_unit(
+            let unit_finite = unsafe {
+                run_unit::<V, N, A>(
                     geo,
                     plan,
                     scratch,
@@ -163,6 +356,9 @@ pub(crate) fn conv2d(
                     relu,
                     shared.ptr(),
                 )
+            };
+            if !unit_finite {
+                finite.store(false, Ordering::Relaxed);
             }
         });
     };
@@ -172,19 +368,20 @@ pub(crate) fn conv2d(
         (0..plan.units).into_par_iter().for_each(run);
     }
     // SAFETY: the units' tile rows cover every (image, tile row), and each writes all output
-    // rows of its tile rows (both, or one at an odd bottom edge) for every channel.
+    // rows of its tile rows (fewer at the bottom edge) for every channel.
     unsafe { out.set_len(len) };
-    out
+    finite.into_inner().then_some(out)
 }
 
-/// One unit: tile rows `rows` (batch-wide: `image * tiles_h + tile_row`).
+/// One unit: tile rows `rows` (batch-wide: `image * tiles_h + tile_row`). Returns whether
+/// every output before the ReLU was finite.
 ///
 /// # Safety
 /// `out` must be valid for writes of the output (`batch * out_channels * out_h * out_w`
 /// floats, possibly uninitialized: rows are written whole before anything reads them), and no
 /// other thread may touch the output rows of these tile rows during the call.
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_unit(
+unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
     geo: &Conv2dGeometry,
     plan: &Plan,
     scratch: &mut Scratch,
@@ -195,7 +392,7 @@ unsafe fn run_unit(
     residual: Option<&[f32]>,
     relu: bool,
     out: *mut f32,
-) {
+) -> bool {
     let (c, m) = (geo.in_channels, geo.out_channels);
     let tw = plan.tiles_w;
     let tiles = rows.len() * tw;
@@ -206,34 +403,35 @@ unsafe fn run_unit(
         m: prod,
         rows: buf,
         y,
+        tile: tile_buf,
     } = scratch;
-    v.resize(16 * c * tiles, 0.0);
-    prod.resize(16 * m * tiles, 0.0);
-    // One zero-padded input row (2 * tw + 2 elements), its even and odd halves, and four
-    // slots of h[b][j].
-    let padded = 2 * tw + 2;
-    buf.resize(padded + 2 * (tw + 1) + 16 * tw, 0.0);
+    v.resize(A * A * c * tiles, 0.0);
+    prod.resize(A * A * m * tiles, 0.0);
+    // One zero-padded input row (N * (tw + 1) elements), its N phases (elements N * j + r for
+    // r < N, tw + 1 each), and A slots of A horizontally transformed rows.
+    let padded = N * (tw + 1);
+    buf.resize(2 * padded + A * A * tw, 0.0);
     let (row_buf, rest) = buf.split_at_mut(padded);
-    let (halves, h) = rest.split_at_mut(2 * (tw + 1));
+    let (phases, h) = rest.split_at_mut(padded);
 
-    // V = Bt d B for every tile and input channel: V[xi][channel][tile]. The horizontal half,
-    // h[b][j] = (d0 - d2, d1 + d2, d2 - d1, d1 - d3) of an input row's window at 2j, is kept
-    // per row in one of four slots: the next tile row of the same image reuses two of them.
+    // V = Bt d B for every tile and input channel: V[xi][channel][tile]. The horizontal half
+    // (Bt along each input row, for the window at N * j) is kept per row in one of A slots:
+    // the next tile row of the same image reuses the last A - N of them.
     for channel in 0..c {
         let mut previous = None;
-        let mut slots = [0usize, 1, 2, 3];
+        let mut slots: [usize; A] = std::array::from_fn(|i| i);
         for (i, row) in rows.clone().enumerate() {
             let (image, ty) = (row / plan.tiles_h, row % plan.tiles_h);
             let plane = &x[(image * c + channel) * plane_in..][..plane_in];
             let first_new = if ty > 0 && previous == Some((image, ty - 1)) {
-                slots = [slots[2], slots[3], slots[0], slots[1]];
-                2
+                slots.rotate_left(N);
+                A - N
             } else {
                 0
             };
             previous = Some((image, ty));
             for (r, &slot) in slots.iter().enumerate().skip(first_new) {
-                let iy = (2 * ty + r) as isize - geo.pad_begin[0] as isize;
+                let iy = (N * ty + r) as isize - geo.pad_begin[0] as isize;
                 row_buf.fill(0.0);
                 if (0..geo.in_h as isize).contains(&iy) {
                     let src = &plane[iy as usize * geo.in_w..][..geo.in_w];
@@ -242,35 +440,23 @@ unsafe fn run_unit(
                     let len = geo.in_w.min(padded - pad);
                     row_buf[pad..pad + len].copy_from_slice(&src[..len]);
                 }
-                // Even and odd elements apart, so that the windows are contiguous slices.
-                let (even, odd) = halves.split_at_mut(tw + 1);
-                for (j, pair) in row_buf.chunks_exact(2).enumerate() {
-                    even[j] = pair[0];
-                    odd[j] = pair[1];
+                // The phases apart, so that each window element is a contiguous slice along
+                // the windows: element k of window j is phases[k % N][j + k / N].
+                for (j, chunk) in row_buf.chunks_exact(N).enumerate() {
+                    for (phase, &value) in chunk.iter().enumerate() {
+                        phases[phase * (tw + 1) + j] = value;
+                    }
                 }
-                let hr = &mut h[slot * 4 * tw..(slot + 1) * 4 * tw];
-                let (h0, rest) = hr.split_at_mut(tw);
-                let (h1, rest) = rest.split_at_mut(tw);
-                let (h2, h3) = rest.split_at_mut(tw);
-                let (e0, e1, o0, o1) = (&even[..tw], &even[1..], &odd[..tw], &odd[1..]);
-                for j in 0..tw {
-                    h0[j] = e0[j] - e1[j];
-                    h1[j] = o0[j] + e1[j];
-                    h2[j] = e1[j] - o0[j];
-                    h3[j] = o0[j] - o1[j];
-                }
+                let src: [&[f32]; A] =
+                    std::array::from_fn(|k| &phases[(k % N) * (tw + 1) + k / N..][..tw]);
+                apply(src, strided_mut(h, slot * A * tw, tw, tw), tw, V::input);
             }
+            // Bt along the columns: V[r * A + b] (A * c * tiles floats apart) from h[.][b].
             let col = i * tw;
-            for b in 0..4 {
-                let hb = |r: usize| &h[(slots[r] * 4 + b) * tw..(slots[r] * 4 + b + 1) * tw];
-                let (r0, r1, r2, r3) = (hb(0), hb(1), hb(2), hb(3));
-                let at = |a: usize| ((a * 4 + b) * c + channel) * tiles + col;
-                for j in 0..tw {
-                    v[at(0) + j] = r0[j] - r2[j];
-                    v[at(1) + j] = r1[j] + r2[j];
-                    v[at(2) + j] = r2[j] - r1[j];
-                    v[at(3) + j] = r1[j] - r3[j];
-                }
+            for b in 0..A {
+                let src: [&[f32]; A] = std::array::from_fn(|r| &h[(slots[r] * A + b) * tw..][..tw]);
+                let dst = strided_mut(v, (b * c + channel) * tiles + col, A * c * tiles, tw);
+                apply(src, dst, tw, V::input);
             }
         }
     }
@@ -279,7 +465,7 @@ unsafe fn run_unit(
     // contiguous: the GEMM's wide register blocks then run along the channels, which are a
     // multiple of 64, rather than along a unit's tiles, which are not). As one product:
     // M[xi]^T (tiles x m) = V[xi]^T (tiles x c) * U[xi]^T (c x m, U's in x out layout).
-    for xi in 0..16 {
+    for xi in 0..A * A {
         let lhs = Mat::row_major(&v[xi * c * tiles..(xi + 1) * c * tiles], tiles).transposed();
         let rhs = Mat::row_major(&u[xi * c * m..(xi + 1) * c * m], m);
         // SAFETY: lhs is tiles x c (V[xi], c x tiles floats), rhs c x m (U[xi]), and the
@@ -298,50 +484,56 @@ unsafe fn run_unit(
         };
     }
 
-    // Y = At M A per tile, across the output channels at once, into `y` (m x 2 rows x 2 * tw
-    // columns per tile row); then bias, residual and ReLU on the way out, as the direct path's
-    // epilogue: relu(y + bias + residual).
-    let width = 2 * tw;
-    y.resize(m * 2 * width, 0.0);
+    // Y = At M A per tile, along the output channels (M[xi]'s rows for a tile are contiguous
+    // in them): At along the rows into T[r][q][oc], along the columns into Y[p][q][oc]; then
+    // Y into `y` (m x N rows x N * tw columns per tile row), and bias, residual and ReLU on
+    // the way out, as the direct path's epilogue: relu(y + bias + residual).
+    let width = N * tw;
+    y.resize(m * N * width, 0.0);
+    tile_buf.resize((A * N + N * N) * m, 0.0);
+    let (t_rows, y_tile) = tile_buf.split_at_mut(A * N * m);
+    let mut finite = true;
     for (i, row) in rows.clone().enumerate() {
         let (image, ty) = (row / plan.tiles_h, row % plan.tiles_h);
         for j in 0..tw {
             let t = i * tw + j;
-            let mv = |xi: usize| &prod[(xi * tiles + t) * m..][..m];
-            let ms: [&[f32]; 16] = std::array::from_fn(mv);
-            for (oc, out_rows) in y.chunks_exact_mut(2 * width).enumerate() {
-                let v: [f32; 16] = std::array::from_fn(|xi| ms[xi][oc]);
-                // p[a] = (m[a][0] + m[a][1] + m[a][2], m[a][1] - m[a][2] - m[a][3]).
-                let p = |a: usize| {
-                    let (m0, m1, m2, m3) = (v[a * 4], v[a * 4 + 1], v[a * 4 + 2], v[a * 4 + 3]);
-                    (m0 + m1 + m2, m1 - m2 - m3)
-                };
-                let (p0, p1, p2, p3) = (p(0), p(1), p(2), p(3));
-                out_rows[2 * j] = p0.0 + p1.0 + p2.0;
-                out_rows[2 * j + 1] = p0.1 + p1.1 + p2.1;
-                out_rows[width + 2 * j] = p1.0 - p2.0 - p3.0;
-                out_rows[width + 2 * j + 1] = p1.1 - p2.1 - p3.1;
+            for r in 0..A {
+                let src = strided::<A>(prod, ((r * A) * tiles + t) * m, tiles * m, m);
+                apply(src, strided_mut(t_rows, r * N * m, m, m), m, V::output);
+            }
+            for q in 0..N {
+                let src = strided::<A>(t_rows, q * m, N * m, m);
+                apply(src, strided_mut(y_tile, q * m, N * m, m), m, V::output);
+            }
+            for (oc, out_rows) in y.chunks_exact_mut(N * width).enumerate() {
+                for p in 0..N {
+                    for q in 0..N {
+                        out_rows[p * width + N * j + q] = y_tile[(p * N + q) * m + oc];
+                    }
+                }
             }
         }
         for oc in 0..m {
             let bias = bias.map_or(0.0, |b| b[oc]);
-            for dy in 0..2 {
-                let oy = 2 * ty + dy;
+            for dy in 0..N {
+                let oy = N * ty + dy;
                 if oy >= geo.out_h {
                     break;
                 }
                 let start = (image * m + oc) * plane_out + oy * geo.out_w;
-                let row = &mut y[(oc * 2 + dy) * width..][..geo.out_w];
+                let row = &mut y[(oc * N + dy) * width..][..geo.out_w];
                 match residual {
                     Some(r) => {
                         for (v, &r) in row.iter_mut().zip(&r[start..start + geo.out_w]) {
                             let sum = *v + bias + r;
+                            finite &= sum.is_finite();
                             *v = if relu { relu_nan(sum) } else { sum };
                         }
                     }
                     None => {
                         for v in row.iter_mut() {
                             let sum = *v + bias;
+                            finite &= sum.is_finite();
                             *v = if relu { relu_nan(sum) } else { sum };
                         }
                     }
@@ -350,6 +542,127 @@ unsafe fn run_unit(
                 // belongs to this unit.
                 unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(start), row.len()) };
             }
+        }
+    }
+    finite
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::ops::ConvOptions;
+
+    fn geometry(
+        x: [usize; 4],
+        out_channels: usize,
+        padding: [(usize, usize); 2],
+    ) -> Conv2dGeometry {
+        let options = ConvOptions::new_with_padding([1, 1], padding, [1, 1], 1);
+        Conv2dGeometry::new(x, [out_channels, x[1], 3, 3], &options).expect("valid geometry")
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                let h = (i ^ seed).wrapping_mul(2_654_435_761).rotate_left(13);
+                (h % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Direct convolution in float64, plus bias and residual, then ReLU.
+    fn naive(geo: &Conv2dGeometry, x: &[f32], w: &[f32], bias: &[f32], res: &[f32]) -> Vec<f32> {
+        let (c, m) = (geo.in_channels, geo.out_channels);
+        let mut out = vec![0.0f32; geo.output_len()];
+        for image in 0..geo.batch {
+            for (oc, &b) in bias.iter().enumerate() {
+                for oy in 0..geo.out_h {
+                    for ox in 0..geo.out_w {
+                        let mut sum = b as f64;
+                        for ic in 0..c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let iy = (oy + ky) as isize - geo.pad_begin[0] as isize;
+                                    let ix = (ox + kx) as isize - geo.pad_begin[1] as isize;
+                                    if (0..geo.in_h as isize).contains(&iy)
+                                        && (0..geo.in_w as isize).contains(&ix)
+                                    {
+                                        let xi = ((image * c + ic) * geo.in_h + iy as usize)
+                                            * geo.in_w
+                                            + ix as usize;
+                                        let wi = ((oc * c + ic) * 3 + ky) * 3 + kx;
+                                        sum += x[xi] as f64 * w[wi] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        let o = ((image * m + oc) * geo.out_h + oy) * geo.out_w + ox;
+                        out[o] = (sum + res[o] as f64).max(0.0) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn picks_f4_where_it_pays_and_f2_elsewhere() {
+        let pad = [(1, 1); 2];
+        let tile = |x, m| Plan::new(&geometry(x, m, pad)).map(|plan| plan.tile);
+        // ResNet-50 at batch 8: layer1 and layer2 F4, layer3 F2 (14x14), layer4 direct (7x7).
+        assert_eq!(tile([8, 64, 56, 56], 64), Some(Tile::F4));
+        assert_eq!(tile([8, 128, 28, 28], 128), Some(Tile::F4));
+        assert_eq!(tile([8, 256, 14, 14], 256), Some(Tile::F2));
+        assert_eq!(tile([8, 512, 7, 7], 512), None);
+        // Batch 1: too few tiles for F4 at 56x56; too few per unit for F4 at 28x28.
+        assert_eq!(tile([1, 64, 56, 56], 64), Some(Tile::F2));
+        assert_eq!(tile([1, 128, 28, 28], 128), Some(Tile::F2));
+        // Too few channels.
+        assert_eq!(tile([8, 32, 56, 56], 32), None);
+    }
+
+    #[test]
+    fn both_variants_match_a_direct_convolution() {
+        // Odd output sizes (31 x 29: partial tiles for both) and asymmetric padding.
+        let geo = geometry([2, 16, 30, 30], 24, [(2, 1), (0, 1)]);
+        assert_eq!((geo.out_h, geo.out_w), (31, 29));
+        let x = values(geo.input_len(), 1);
+        let w = values(geo.weight_len(), 2);
+        let bias = values(geo.out_channels, 3);
+        let res = values(geo.output_len(), 4);
+        let expected = naive(&geo, &x, &w, &bias, &res);
+        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        // F2's coefficients are 0, +-1 and +-1/2: direct convolution's rounding. F4's reach 8.
+        for (tile, tolerance) in [(Tile::F2, 2e-6), (Tile::F4, 1e-5)] {
+            let plan = Plan::with_tile(&geo, tile).expect("enough tiles per unit");
+            let got =
+                conv2d(&geo, &plan, &x, &w, Some(&bias), Some(&res), true).expect("finite outputs");
+            let diff = got
+                .iter()
+                .zip(&expected)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= tolerance * scale,
+                "{tile:?}: differs by {diff} (largest output {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn non_finite_outputs_hand_the_convolution_back() {
+        let geo = geometry([2, 16, 30, 30], 16, [(1, 1); 2]);
+        let mut x = values(geo.input_len(), 5);
+        let w = values(geo.weight_len(), 6);
+        for (tile, special) in [(Tile::F2, f32::NAN), (Tile::F4, f32::INFINITY)] {
+            let plan = Plan::with_tile(&geo, tile).expect("enough tiles per unit");
+            assert!(conv2d(&geo, &plan, &x, &w, None, None, false).is_some());
+            x[1234] = special;
+            assert!(
+                conv2d(&geo, &plan, &x, &w, None, None, false).is_none(),
+                "{tile:?} with {special} in the input"
+            );
+            x[1234] = 0.5;
         }
     }
 }

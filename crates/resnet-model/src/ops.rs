@@ -4,8 +4,8 @@
 //! On the flex backend (float32) [`conv2d_fused`] and [`max_pool2d`] run resnet-rs's own CPU
 //! kernels, plugged into Burn through its backend-extension mechanism ([`ResNetKernels`]):
 //! im2col plus a single-threaded GEMM per work unit, the bias, residual and ReLU applied while
-//! the block is in cache; the large 3x3 stride-1 convolutions through Winograd's F(2x2, 3x3)
-//! (see [`set_winograd`]). Under autodiff (training) a plain convolution runs them forward and
+//! the block is in cache; the large 3x3 stride-1 convolutions through Winograd's F(4x4, 3x3)
+//! or F(2x2, 3x3) (see [`set_winograd`]). Under autodiff (training) a plain convolution runs them forward and
 //! backward (input and weight gradients); a convolution with bias, residual or ReLU is composed
 //! from Burn's differentiable operations. On every other backend both are exactly Burn's
 //! `relu(conv.forward(x) + residual)` and `pool.forward(x)`. The choice follows the tensors'
@@ -36,11 +36,13 @@ pub fn fast_kernels() -> bool {
 }
 
 /// Let [`conv2d_fused`] run the large 3x3 stride-1 convolutions on flex (at least 64 input
-/// and output channels, outputs of 14x14 and more, ungrouped) through Winograd's F(2x2, 3x3):
-/// on by default; 2.25x fewer multiplications, rounding at the direct convolution's level.
-/// Off, they take the direct im2col path. A NaN in the input reaches exactly the outputs it
-/// reaches with a direct convolution; an infinity reaches the same outputs but may come out as
-/// NaN (Inf - Inf inside the transforms) where the direct convolution gives +-Inf.
+/// and output channels, outputs of 14x14 and more, ungrouped) through Winograd's algorithm:
+/// on by default. F(4x4, 3x3) (4x fewer multiplications; rounding errors up to about 7e-6 of
+/// the largest output, against about 1e-6 direct) where the batch has enough 4x4 tiles and
+/// they cover the output closely (ResNet-50's 56x56 and 28x28 stages at batch 8), F(2x2, 3x3)
+/// (2.25x fewer, rounding at the direct convolution's level) elsewhere. Off, they take the
+/// direct im2col path. Where an output comes out NaN or infinite, the convolution is
+/// recomputed directly, so NaN and infinity come out exactly as there.
 pub fn set_winograd(enabled: bool) {
     WINOGRAD.store(enabled, Ordering::Relaxed);
 }
