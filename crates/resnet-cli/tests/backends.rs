@@ -7,8 +7,8 @@
 //! this test with `--features wgpu,ndarray` and runs wgpu on Mesa's lavapipe (Vulkan on the CPU).
 
 use std::path::Path;
-use std::process::Command as Process;
 
+use resnet_test_support::{generate_full_size, python_or_skip};
 use resnet_train::backend::Backend;
 
 mod common;
@@ -139,56 +139,19 @@ fn every_backend_reproduces_pytorch_on_the_tiny_models() {
     }
 }
 
-/// A Python with torch and torchvision (as resnet-import's full-size test finds one).
-fn python() -> Option<String> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    std::env::var("RESNET_PYTHON")
-        .ok()
-        .into_iter()
-        .chain([venv.display().to_string(), "python3".to_string()])
-        .find(|python| {
-            Process::new(python)
-                .args(["-c", "import torch, torchvision, numpy"])
-                .output()
-                .is_ok_and(|out| out.status.success())
-        })
-}
-
 /// Full-size ResNet-18 and ResNeXt-50 (grouped convolutions) checkpoints written by torchvision
 /// reproduce PyTorch's logits on every backend under test. Skips (saying so) without Python
 /// torch, unless `RESNET_REQUIRE_FULL_SIZE=1`.
 #[test]
 fn every_backend_reproduces_pytorch_at_full_size() {
-    let Some(python) = python() else {
-        let message = "SKIP full-size backend parity: no Python with torch and torchvision";
-        if std::env::var("RESNET_REQUIRE_FULL_SIZE").is_ok_and(|v| v == "1") {
-            panic!("{message}, but RESNET_REQUIRE_FULL_SIZE=1");
-        }
-        println!("{message}");
+    let Some(python) = python_or_skip("full-size backend parity") else {
         return;
     };
     let backends = backends_under_test();
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("out.npy");
     for arch in ["resnet18", "resnext50_32x4d"] {
-        // One retry: the reference generator (not the code under test) has crashed once at
-        // interpreter shutdown on CI's Debian torch.
-        let status = (0..2)
-            .map(|_| {
-                Process::new(&python)
-                    .arg(fixture("full_size.py"))
-                    .arg(dir.path())
-                    .arg(arch)
-                    .status()
-                    .expect("python runs")
-            })
-            .inspect(|status| {
-                if !status.success() {
-                    println!("full_size.py {arch}: {status}");
-                }
-            })
-            .find(|status| status.success());
-        assert!(status.is_some(), "full_size.py failed twice for {arch}");
+        generate_full_size(&python, dir.path(), arch);
         let checkpoint = dir.path().join(format!("{arch}.pth"));
         let expected = read_npy(&dir.path().join(format!("{arch}.logits.npy")));
         for &backend in &backends {

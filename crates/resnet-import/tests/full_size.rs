@@ -7,8 +7,7 @@
 //! prints a SKIP line and passes, unless `RESNET_REQUIRE_FULL_SIZE=1` (set by CI) makes that a
 //! failure.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -16,28 +15,10 @@ use resnet_import::download::sha256_file;
 use resnet_import::registry::{self, IMAGENET_CLASSES, WeightsVersion};
 use resnet_import::{ImportOptions, import_checkpoint, import_pretrained, load_record, npy};
 use resnet_model::ARCHITECTURES;
+use resnet_test_support::{generate_full_size, python_or_skip};
 
 /// Largest tolerated `max |ours - PyTorch| / max |PyTorch|` over the logits.
 const RELATIVE_TOLERANCE: f32 = 1e-4;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A Python that can import torch and torchvision, if any.
-fn python() -> Option<String> {
-    let venv = workspace().join(".venv/bin/python");
-    let candidates = std::env::var("RESNET_PYTHON")
-        .ok()
-        .into_iter()
-        .chain([venv.display().to_string(), "python3".to_string()]);
-    candidates.into_iter().find(|python| {
-        Command::new(python)
-            .args(["-c", "import torch, torchvision, numpy"])
-            .output()
-            .is_ok_and(|out| out.status.success())
-    })
-}
 
 fn read(path: &Path) -> (Vec<usize>, Vec<f32>) {
     npy::read_f32(path).unwrap_or_else(|err| panic!("{err}"))
@@ -45,38 +26,14 @@ fn read(path: &Path) -> (Vec<usize>, Vec<f32>) {
 
 #[test]
 fn every_preset_matches_pytorch_at_full_size() {
-    let Some(python) = python() else {
-        let message = "SKIP full-size parity: no Python with torch and torchvision \
-                       (set RESNET_PYTHON, or `pip install torch torchvision` into .venv)";
-        if std::env::var("RESNET_REQUIRE_FULL_SIZE").is_ok_and(|v| v == "1") {
-            panic!("{message}, but RESNET_REQUIRE_FULL_SIZE=1");
-        }
-        println!("{message}");
+    let Some(python) = python_or_skip("full-size parity") else {
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/full_size.py");
     let dir = tempfile::tempdir().expect("temp dir");
     let device = Device::flex();
     let mut worst = 0.0f32;
     for arch in ARCHITECTURES {
-        // One retry: the reference generator (not the code under test) has crashed once at
-        // interpreter shutdown on CI's Debian torch.
-        let status = (0..2)
-            .map(|_| {
-                Command::new(&python)
-                    .arg(&script)
-                    .arg(dir.path())
-                    .arg(arch)
-                    .status()
-                    .expect("python runs")
-            })
-            .inspect(|status| {
-                if !status.success() {
-                    println!("full_size.py {arch}: {status}");
-                }
-            })
-            .find(|status| status.success());
-        assert!(status.is_some(), "full_size.py failed twice for {arch}");
+        generate_full_size(&python, dir.path(), arch);
 
         let checkpoint = dir.path().join(format!("{arch}.pth"));
         let imported = import_checkpoint(&checkpoint, &ImportOptions::default(), &device)
