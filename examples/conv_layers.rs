@@ -13,19 +13,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::module::Param;
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Distribution, Tensor};
+use resnet_model::ResNetConfig;
 use resnet_model::ops::{conv2d_fused, set_fast_kernels, set_winograd};
-use resnet_model::{ResNetConfig, ResidualBlock};
-
-fn out_size(conv: &Conv2d, size: usize) -> usize {
-    let pad = match conv.padding {
-        PaddingConfig2d::Explicit(top, ..) => top,
-        _ => 0,
-    };
-    (size + 2 * pad - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) / conv.stride[0] + 1
-}
 
 /// A distinct convolution shape, how often the network runs it, and its input side.
 struct Layer {
@@ -37,39 +28,23 @@ struct Layer {
 fn layers(config: &ResNetConfig, device: &Device) -> BTreeMap<String, Layer> {
     let model = config.init(device);
     let mut into = BTreeMap::new();
-    let mut add = |conv: &Conv2d, size: usize| {
-        let dims = conv.weight.val().dims();
+    let convolutions = model
+        .convolutions(224, 224)
+        .expect("224x224 fits every preset");
+    for c in convolutions {
+        let dims = c.conv.weight.val().dims();
+        let size = c.input_shape[1];
         let key = format!(
             "{dims:?} s{} g{} {size}x{size}",
-            conv.stride[0], conv.groups
+            c.conv.stride[0], c.conv.groups
         );
         into.entry(key)
             .or_insert_with(|| Layer {
-                conv: conv.clone(),
+                conv: c.conv.clone(),
                 size,
                 count: 0,
             })
             .count += 1;
-        out_size(conv, size)
-    };
-    let mut size = add(&model.conv1, 224);
-    size = (size + 2 - 3) / 2 + 1;
-    for block in model.stages().into_iter().flatten() {
-        let (next, downsample) = match block {
-            ResidualBlock::Basic(b) => {
-                let mid = add(&b.conv1, size);
-                (add(&b.conv2, mid), &b.downsample)
-            }
-            ResidualBlock::Bottleneck(b) => {
-                add(&b.conv1, size);
-                let mid = add(&b.conv2, size);
-                (add(&b.conv3, mid), &b.downsample)
-            }
-        };
-        if let Some(downsample) = downsample {
-            add(&downsample.conv, size);
-        }
-        size = next;
     }
     into
 }
@@ -103,17 +78,19 @@ fn main() {
             Distribution::Normal(0.0, 1.0),
             &device,
         );
-        let side = out_size(&layer.conv, layer.size);
-        let flops = 2.0 * (batch * out_channels * side * side * per_group * kh * kw) as f64;
         let mut times = Vec::new();
+        let mut output_pixels = 0;
         for i in 0..6 {
             let start = Instant::now();
             let out = conv2d_fused(&layer.conv, x.clone(), None, true);
+            let [_, _, oh, ow] = out.dims();
+            output_pixels = oh * ow;
             let _ = out.into_data();
             if i > 0 {
                 times.push(start.elapsed().as_secs_f64());
             }
         }
+        let flops = 2.0 * (batch * out_channels * output_pixels * per_group * kh * kw) as f64;
         times.sort_by(f64::total_cmp);
         let best = times[0];
         rows.push((label, layer.count, best, flops / best / 1e9));

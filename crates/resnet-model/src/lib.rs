@@ -43,7 +43,9 @@ pub use block::{BasicBlock, BlockConfig, BlockKind, Bottleneck, Downsample, Resi
 pub use error::ConfigError;
 pub use layer::{LayerBuilder, make_layer};
 pub use resnet::{ARCHITECTURES, ResNet, ResNetConfig};
-pub use summary::{ModelSummary, ParameterCounts, StageSummary, parameter_counts};
+pub use summary::{
+    ConvolutionInput, ModelSummary, ParameterCounts, StageSummary, parameter_counts,
+};
 
 #[cfg(test)]
 mod tests;

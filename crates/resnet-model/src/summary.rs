@@ -96,14 +96,33 @@ impl ModelSummary {
     }
 }
 
-/// Tracks the activation shape through the network and accumulates convolution work.
-struct ShapeTracker {
-    shape: [usize; 3],
-    macs: u64,
+/// One convolution of a network and the input it sees, from [`ResNet::convolutions`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConvolutionInput<'a> {
+    /// The convolution.
+    pub conv: &'a Conv2d,
+    /// Its input for one image: `[channels, height, width]`.
+    pub input_shape: [usize; 3],
 }
 
-impl ShapeTracker {
-    fn conv(&mut self, conv: &Conv2d) -> Result<[usize; 3], ConfigError> {
+/// Tracks the activation shape through the network, accumulating convolution work and
+/// recording each convolution with its input.
+struct ShapeTracker<'a> {
+    shape: [usize; 3],
+    macs: u64,
+    convolutions: Vec<ConvolutionInput<'a>>,
+}
+
+impl<'a> ShapeTracker<'a> {
+    fn new(shape: [usize; 3]) -> Self {
+        Self {
+            shape,
+            macs: 0,
+            convolutions: Vec::new(),
+        }
+    }
+
+    fn conv(&mut self, conv: &'a Conv2d) -> Result<[usize; 3], ConfigError> {
         let ([out_c, in_per_group, kh, kw], padding) = conv_geometry(conv);
         let [_, h, w] = self.shape;
         let out = |size: usize, kernel: usize, axis: usize| {
@@ -124,17 +143,35 @@ impl ShapeTracker {
         };
         let (oh, ow) = (out(h, kh, 0)?, out(w, kw, 1)?);
         self.macs += (out_c * in_per_group * kh * kw * oh * ow) as u64;
+        self.convolutions.push(ConvolutionInput {
+            conv,
+            input_shape: self.shape,
+        });
         Ok([out_c, oh, ow])
     }
 
-    fn downsample(&mut self, downsample: &Option<Downsample>) -> Result<(), ConfigError> {
+    /// The stem convolution and, unless the CIFAR stem left it out, the 3x3 stride-2 max-pool.
+    fn stem(&mut self, model: &'a ResNet) -> Result<(), ConfigError> {
+        self.shape = self.conv(&model.conv1)?;
+        if model.maxpool.is_some() {
+            let [c, h, w] = self.shape;
+            self.shape = [
+                c,
+                window_output(h, 3, 2, 1, 1),
+                window_output(w, 3, 2, 1, 1),
+            ];
+        }
+        Ok(())
+    }
+
+    fn downsample(&mut self, downsample: &'a Option<Downsample>) -> Result<(), ConfigError> {
         if let Some(downsample) = downsample {
             self.conv(&downsample.conv)?;
         }
         Ok(())
     }
 
-    fn block(&mut self, block: &ResidualBlock) -> Result<(), ConfigError> {
+    fn block(&mut self, block: &'a ResidualBlock) -> Result<(), ConfigError> {
         match block {
             ResidualBlock::Basic(b) => {
                 self.downsample(&b.downsample)?;
@@ -159,21 +196,10 @@ impl ResNet {
     pub fn summary(&self, height: usize, width: usize) -> Result<ModelSummary, ConfigError> {
         let counts = parameter_counts(self);
         let in_channels = conv_geometry(&self.conv1).0[1];
-        let mut tracker = ShapeTracker {
-            shape: [in_channels, height, width],
-            macs: 0,
-        };
+        let mut tracker = ShapeTracker::new([in_channels, height, width]);
         let mut stages = Vec::with_capacity(6);
 
-        tracker.shape = tracker.conv(&self.conv1)?;
-        if self.maxpool.is_some() {
-            let [c, h, w] = tracker.shape;
-            tracker.shape = [
-                c,
-                window_output(h, 3, 2, 1, 1),
-                window_output(w, 3, 2, 1, 1),
-            ];
-        }
+        tracker.stem(self)?;
         stages.push(StageSummary {
             name: "stem".into(),
             output_shape: tracker.shape,
@@ -205,5 +231,23 @@ impl ResNet {
             input_shape: [in_channels, height, width],
             stages,
         })
+    }
+
+    /// Every convolution of the network, in the order the forward pass runs them (a block's
+    /// downsample first), with the input each sees for one `height x width` image: for
+    /// per-layer benchmarks and kernel tests on a model's real shapes. Errors when the input
+    /// is too small for the stem.
+    pub fn convolutions(
+        &self,
+        height: usize,
+        width: usize,
+    ) -> Result<Vec<ConvolutionInput<'_>>, ConfigError> {
+        let in_channels = conv_geometry(&self.conv1).0[1];
+        let mut tracker = ShapeTracker::new([in_channels, height, width]);
+        tracker.stem(self)?;
+        for block in self.stages().into_iter().flatten() {
+            tracker.block(block)?;
+        }
+        Ok(tracker.convolutions)
     }
 }

@@ -110,6 +110,30 @@ fn summary_matches_a_real_forward() {
 }
 
 #[test]
+fn convolutions_list_every_convolution_with_its_input() {
+    let model = ResNetConfig::resnet50().init(&device());
+    let convolutions = model.convolutions(224, 224).unwrap();
+    // Stem, 16 bottlenecks of 3, 4 downsamples.
+    assert_eq!(convolutions.len(), 1 + 16 * 3 + 4);
+    assert_eq!(convolutions[0].input_shape, [3, 224, 224]);
+    // layer1's first block: its downsample, then conv1 on the pooled 56x56 stem output.
+    assert_eq!(convolutions[1].input_shape, [64, 56, 56]);
+    assert_eq!(convolutions[1].conv.kernel_size, [1, 1]);
+    // layer4's last 3x3 convolution sees 512 channels at 7x7.
+    let last_3x3 = convolutions
+        .iter()
+        .rev()
+        .find(|c| c.conv.kernel_size == [3, 3])
+        .unwrap();
+    assert_eq!(last_3x3.input_shape, [512, 7, 7]);
+    // Each sees the channels its weights expect.
+    for c in &convolutions {
+        let [_, in_per_group, _, _] = c.conv.weight.lazy_shape().dims::<4>();
+        assert_eq!(c.input_shape[0], in_per_group * c.conv.groups);
+    }
+}
+
+#[test]
 fn summary_rejects_an_input_smaller_than_the_stem() {
     let model = ResNetConfig::resnet18().init(&device());
     assert!(matches!(

@@ -11,7 +11,7 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use resnet_model::ops::{conv2d_fused, max_pool2d, set_winograd};
-use resnet_model::{ARCHITECTURES, ResNetConfig, ResidualBlock};
+use resnet_model::{ARCHITECTURES, ResNetConfig};
 use std::collections::BTreeMap;
 
 /// Largest difference allowed, relative to the largest output magnitude: both sides sum up
@@ -91,49 +91,21 @@ fn with_bias(mut conv: Conv2d) -> Conv2d {
     conv
 }
 
-fn out_size(conv: &Conv2d, size: usize) -> usize {
-    let pad = match conv.padding {
-        PaddingConfig2d::Explicit(top, ..) => top,
-        _ => 0,
-    };
-    (size + 2 * pad - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) / conv.stride[0] + 1
-}
-
 /// Every distinct convolution of `config`'s network, with the square input size it sees for
 /// a 224x224 image, keyed by its shape.
 fn convolutions(config: &ResNetConfig, into: &mut BTreeMap<String, (Conv2d, usize)>) {
     let model = config.init(&Device::flex());
-    let mut add = |conv: &Conv2d, size: usize| {
-        let dims = conv.weight.val().dims();
+    let convolutions = model
+        .convolutions(224, 224)
+        .expect("224x224 fits every preset");
+    for c in convolutions {
+        let dims = c.conv.weight.val().dims();
+        let size = c.input_shape[1];
         let key = format!(
             "weight {dims:?} stride {:?} dilation {:?} groups {} input {size}x{size}",
-            conv.stride, conv.dilation, conv.groups
+            c.conv.stride, c.conv.dilation, c.conv.groups
         );
-        into.entry(key).or_insert_with(|| (conv.clone(), size));
-        out_size(conv, size)
-    };
-    let mut size = add(&model.conv1, 224);
-    size = (size + 2 - 3) / 2 + 1; // the 3x3 stride-2 max-pool
-    for block in model.stages().into_iter().flatten() {
-        let next = match block {
-            ResidualBlock::Basic(b) => {
-                let mid = add(&b.conv1, size);
-                add(&b.conv2, mid)
-            }
-            ResidualBlock::Bottleneck(b) => {
-                add(&b.conv1, size);
-                let mid = add(&b.conv2, size);
-                add(&b.conv3, mid)
-            }
-        };
-        let downsample = match block {
-            ResidualBlock::Basic(b) => &b.downsample,
-            ResidualBlock::Bottleneck(b) => &b.downsample,
-        };
-        if let Some(downsample) = downsample {
-            add(&downsample.conv, size);
-        }
-        size = next;
+        into.entry(key).or_insert_with(|| (c.conv.clone(), size));
     }
 }
 
