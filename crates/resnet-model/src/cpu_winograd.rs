@@ -289,9 +289,9 @@ fn transform_weights<V: Variant<N, A>, const N: usize, const A: usize>(
                     apply(strided::<3>(&g, j * m, 3 * m, m), dst, m, V::weight);
                 }
                 for (r, row_parts) in parts.chunks_exact_mut(A).enumerate() {
-                    let mut parts = row_parts.iter_mut();
+                    let mut matrices = row_parts.iter_mut();
                     let dst: [&mut [f32]; A] = std::array::from_fn(|_| {
-                        parts
+                        matrices
                             .next()
                             .map_or(Default::default(), |part| &mut part[local * m..][..m])
                     });
