@@ -130,6 +130,7 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
     times.sort_by(f64::total_cmp);
 
     let median = percentile(&times, 0.5);
+    let fast_conv = resnet_model::ops::fast_kernels() && backend.cli_name() == "flex";
     let report = Report {
         arch: args.arch.clone(),
         backend: backend.cli_name(),
@@ -138,10 +139,8 @@ pub fn run(args: &BenchArgs, backend: Backend, device: &Device) -> Result<()> {
         batch_size: args.batch_size,
         image_size: args.image_size,
         batchnorm_folded: model.batchnorm_folded,
-        fast_conv: resnet_model::ops::fast_kernels() && backend.cli_name() == "flex",
-        winograd: resnet_model::ops::fast_kernels()
-            && resnet_model::ops::winograd()
-            && backend.cli_name() == "flex",
+        fast_conv,
+        winograd: fast_conv && resnet_model::ops::winograd(),
         iters: args.iters,
         median_ms: median,
         mean_ms: times.iter().sum::<f64>() / times.len() as f64,

@@ -40,9 +40,9 @@ const MIN_CHANNELS: usize = 64;
 /// 6.0 against 7.3).
 const MIN_F4_TILES: usize = 256;
 
-/// Outputs narrower than this take the direct path: ResNet-50's 512-channel 7x7 convolution
-/// measured 1.6x slower here with F(2x2, 3x3) (4x4 tiles for 49 outputs, and 16 MiB of
-/// transformed weights per call).
+/// Outputs narrower than this take the direct path: at ResNet-50's 512-channel 7x7
+/// convolution (batch 8) F(2x2, 3x3) measured no faster than direct (9.8-10.1 against
+/// 9.9-10.2 ms: 4x4 tiles for 49 outputs, and 16 MiB of transformed weights per call).
 const MIN_OUTPUT_SIDE: usize = 14;
 
 /// One Winograd variant F(N x N, 3x3), with input tiles of side `A = N + 2`. The transforms

@@ -5,11 +5,11 @@
 //! kernels, plugged into Burn through its backend-extension mechanism ([`ResNetKernels`]):
 //! im2col plus a single-threaded GEMM per work unit, the bias, residual and ReLU applied while
 //! the block is in cache; the large 3x3 stride-1 convolutions through Winograd's F(4x4, 3x3)
-//! or F(2x2, 3x3) (see [`set_winograd`]). Under autodiff (training) a plain convolution runs them forward and
-//! backward (input and weight gradients); a convolution with bias, residual or ReLU is composed
-//! from Burn's differentiable operations. On every other backend both are exactly Burn's
-//! `relu(conv.forward(x) + residual)` and `pool.forward(x)`. The choice follows the tensors'
-//! device: the model code is the same for every backend.
+//! or F(2x2, 3x3) (see [`set_winograd`]). Under autodiff (training) a plain convolution runs
+//! them forward and backward (input and weight gradients); a convolution with bias, residual
+//! or ReLU is composed from Burn's differentiable operations. On every other backend both are
+//! exactly Burn's `relu(conv.forward(x) + residual)` and `pool.forward(x)`. The choice follows
+//! the tensors' device: the model code is the same for every backend.
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
