@@ -12,11 +12,6 @@ use clap::{Parser, Subcommand};
 use resnet_import::registry::WeightsVersion;
 use resnet_import::{find_weights, import_pretrained, load_record};
 
-/// mimalloc, as in the `resnet` and `resnet-train` binaries: `bench-train` then measures what
-/// they run (glibc's malloc returns freed activations to the kernel and page-faults them back).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// resnet-rs project tasks.
 #[derive(Parser, Debug)]
 #[command(name = "cargo xtask")]

@@ -13,7 +13,8 @@ use resnet_train::backend::{Backend, describe};
 
 /// mimalloc rather than glibc's malloc: a forward pass frees and allocates activations of tens
 /// of MB, which glibc hands back to the kernel and then takes again, page-faulting every page
-/// (about 5% of a ResNet-50 batch-8 forward on the CPU).
+/// (4-7% of a ResNet-50 batch-8 forward on the CPU). Not in `resnet-train`: training measured
+/// slower with it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -10,12 +10,6 @@ use resnet_train::backend::{Backend, describe};
 use resnet_train::distributed::{Scheduler, ServeArgs, Watchdog, connect, remote_urls, serve};
 use resnet_train::train::{RunSummary, TrainArgs, run_on};
 
-/// mimalloc rather than glibc's malloc: a forward pass frees and allocates activations of tens
-/// of MB, which glibc hands back to the kernel and then takes again, page-faulting every page
-/// (about 5% of a ResNet-50 batch-8 forward on the CPU).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn train(args: &TrainArgs, scheduler: Option<Scheduler>) -> Result<RunSummary> {
     let backend = match args.backend {
         Some(backend) => backend,
