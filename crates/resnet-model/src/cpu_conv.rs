@@ -599,6 +599,10 @@ pub(crate) fn max_pool2d(geo: &Pool2dGeometry, x: &[f32]) -> Vec<f32> {
     if plane_out == 0 {
         return out;
     }
+    // ResNet's stem pool (3 wide, stride 2, one column of padding on the left) has a
+    // vectorized horizontal pass.
+    let stem_windows =
+        geo.kernel[1] == 3 && geo.stride[1] == 2 && geo.dilation[1] == 1 && geo.pad_begin[1] == 1;
     let pool_plane = |(input, output): (&[f32], &mut [f32])| {
         // Vertical maximum of the window's rows, then the horizontal one over that row.
         let mut rows = vec![0.0f32; geo.in_w];
@@ -623,6 +627,10 @@ pub(crate) fn max_pool2d(geo: &Pool2dGeometry, x: &[f32]) -> Vec<f32> {
             if first {
                 // Every row of this window falls into the padding (possible with dilation).
                 rows.fill(f32::NEG_INFINITY);
+            }
+            if stem_windows {
+                max3_stride2(&rows, out_row);
+                continue;
             }
             for (ox, o) in out_row.iter_mut().enumerate() {
                 let mut acc = f32::NEG_INFINITY;
@@ -649,6 +657,36 @@ pub(crate) fn max_pool2d(geo: &Pool2dGeometry, x: &[f32]) -> Vec<f32> {
             .for_each(pool_plane);
     }
     out
+}
+
+/// The horizontal pass of [`max_pool2d`] for windows 3 wide, stride 2, starting one column left
+/// of the row: `out[ox]` is the maximum of `row[2 ox - 1..=2 ox + 1]` (the columns inside the
+/// row), taken in the generic pass's order so that the bits are the same, NaN included. The
+/// windows fully inside the row run as an index loop that vectorizes (4.4x faster than the
+/// generic pass on a 112-column row, standalone); the edges take the generic route.
+#[allow(clippy::needless_range_loop)] // the index form is what vectorizes
+fn max3_stride2(row: &[f32], out: &mut [f32]) {
+    let (w, n) = (row.len(), out.len());
+    let window = |ox: usize| {
+        ((2 * ox).saturating_sub(1)..(2 * ox + 2).min(w))
+            .fold(f32::NEG_INFINITY, |acc, ix| nan_max(acc, row[ix]))
+    };
+    // Windows 1..inner lie inside the row (2 ox + 1 < w); max(-inf, v) is v, bit for bit.
+    let inner = (w / 2).min(n);
+    if inner <= 1 {
+        for ox in 0..n {
+            out[ox] = window(ox);
+        }
+        return;
+    }
+    out[0] = window(0);
+    for ox in inner..n {
+        out[ox] = window(ox);
+    }
+    let (row, out) = (&row[..2 * inner], &mut out[..inner]);
+    for ox in 1..inner {
+        out[ox] = nan_max(nan_max(row[2 * ox - 1], row[2 * ox]), row[2 * ox + 1]);
+    }
 }
 
 /// [`im2col`] for stride 1 with the output as wide as the input (the "same" 3x3 convolutions):

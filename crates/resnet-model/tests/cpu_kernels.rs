@@ -397,13 +397,16 @@ fn max_pool_matches_burn() {
             .with_dilation([dilation, dilation])
             .init()
     };
-    let cases: [(MaxPool2d, [usize; 4], &str); 6] = [
+    let cases: [(MaxPool2d, [usize; 4], &str); 8] = [
         (
             pool(3, 2, [1, 1, 1, 1], 1),
             [2, 64, 112, 112],
             "ResNet stem pool",
         ),
         (pool(3, 2, [1, 1, 1, 1], 1), [1, 3, 17, 10], "odd sizes"),
+        // The last window overhangs the right edge; and rows too narrow for an inner window.
+        (pool(3, 2, [1, 1, 1, 1], 1), [1, 3, 9, 11], "odd width"),
+        (pool(3, 2, [1, 1, 1, 1], 1), [2, 2, 3, 2], "2 columns"),
         (pool(3, 1, [1, 1, 1, 1], 1), [3, 4, 9, 9], "stride 1"),
         (pool(2, 2, [0, 0, 0, 0], 1), [1, 5, 8, 7], "2x2 no padding"),
         (
