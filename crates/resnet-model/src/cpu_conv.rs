@@ -629,19 +629,11 @@ pub(crate) fn max_pool2d(geo: &Pool2dGeometry, x: &[f32]) -> Vec<f32> {
                 rows.fill(f32::NEG_INFINITY);
             }
             if stem_windows {
-                max3_stride2(&rows, out_row);
+                max3_stride2(geo, &rows, out_row);
                 continue;
             }
             for (ox, o) in out_row.iter_mut().enumerate() {
-                let mut acc = f32::NEG_INFINITY;
-                for kx in 0..geo.kernel[1] {
-                    let ix = (ox * geo.stride[1] + kx * geo.dilation[1]) as isize
-                        - geo.pad_begin[1] as isize;
-                    if ix >= 0 && (ix as usize) < geo.in_w {
-                        acc = nan_max(acc, rows[ix as usize]);
-                    }
-                }
-                *o = acc;
+                *o = window_max(geo, &rows, ox);
             }
         }
     };
@@ -659,29 +651,40 @@ pub(crate) fn max_pool2d(geo: &Pool2dGeometry, x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The horizontal pass of [`max_pool2d`] for window `ox` of a row (the vertical maxima):
+/// the maximum over the window's columns inside the row, left to right from `-inf`.
+#[inline]
+fn window_max(geo: &Pool2dGeometry, row: &[f32], ox: usize) -> f32 {
+    let mut acc = f32::NEG_INFINITY;
+    for kx in 0..geo.kernel[1] {
+        let ix = (ox * geo.stride[1] + kx * geo.dilation[1]) as isize - geo.pad_begin[1] as isize;
+        if ix >= 0 && (ix as usize) < row.len() {
+            acc = nan_max(acc, row[ix as usize]);
+        }
+    }
+    acc
+}
+
 /// The horizontal pass of [`max_pool2d`] for windows 3 wide, stride 2, starting one column left
-/// of the row: `out[ox]` is the maximum of `row[2 ox - 1..=2 ox + 1]` (the columns inside the
-/// row), taken in the generic pass's order so that the bits are the same, NaN included. The
-/// windows fully inside the row run as an index loop that vectorizes (4.4x faster than the
-/// generic pass on a 112-column row, standalone); the edges take the generic route.
+/// of the row (`geo`'s, checked by the caller): `out[ox]` is the maximum of
+/// `row[2 ox - 1..=2 ox + 1]`, taken in [`window_max`]'s order so that the bits are the same,
+/// NaN included. The windows fully inside the row run as an index loop that vectorizes (4.4x
+/// faster than the generic pass on a 112-column row, standalone); the edges go to
+/// [`window_max`].
 #[allow(clippy::needless_range_loop)] // the index form is what vectorizes
-fn max3_stride2(row: &[f32], out: &mut [f32]) {
+fn max3_stride2(geo: &Pool2dGeometry, row: &[f32], out: &mut [f32]) {
     let (w, n) = (row.len(), out.len());
-    let window = |ox: usize| {
-        ((2 * ox).saturating_sub(1)..(2 * ox + 2).min(w))
-            .fold(f32::NEG_INFINITY, |acc, ix| nan_max(acc, row[ix]))
-    };
     // Windows 1..inner lie inside the row (2 ox + 1 < w); max(-inf, v) is v, bit for bit.
     let inner = (w / 2).min(n);
     if inner <= 1 {
         for ox in 0..n {
-            out[ox] = window(ox);
+            out[ox] = window_max(geo, row, ox);
         }
         return;
     }
-    out[0] = window(0);
+    out[0] = window_max(geo, row, 0);
     for ox in inner..n {
-        out[ox] = window(ox);
+        out[ox] = window_max(geo, row, ox);
     }
     let (row, out) = (&row[..2 * inner], &mut out[..inner]);
     for ox in 1..inner {
