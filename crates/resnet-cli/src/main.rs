@@ -14,9 +14,27 @@ use resnet_train::backend::{Backend, describe};
 /// mimalloc rather than glibc's malloc: a forward pass frees and allocates activations of tens
 /// of MB, which glibc hands back to the kernel and then takes again, page-faulting every page
 /// (4-7% of a ResNet-50 batch-8 forward on the CPU). Not in `resnet-train`: training measured
-/// slower with it.
+/// slower with it. See [`keep_freed_memory`] for mimalloc's own purging.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, the same in mimalloc 2
+/// and 3; the Rust bindings leave it unnamed).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keep freed memory mapped rather than letting mimalloc purge it (hand it back to the kernel)
+/// 10 ms after a free: between two forward passes it did, and the next pass page-faulted it
+/// back, zeroing 2 MiB huge pages (about 1,500 faults per ResNet-50 batch-8 forward, ~5% of
+/// its profile; 450 in a whole 13-pass `resnet bench` run without purging, at the same peak
+/// memory). `MIMALLOC_PURGE_DELAY` in the environment still decides where set.
+#[allow(unsafe_code)] // mimalloc's C option setter
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists (the option
+        // setter is not thread-safe); -1 is mimalloc's documented "never purge".
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
 
 /// Run torchvision's ResNets (18 to 152 layers, ResNeXt, Wide ResNet) with Burn.
 #[derive(Parser, Debug)]
@@ -78,6 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
