@@ -14,6 +14,7 @@
 //! that no result depends on the thread count). The large 3x3 stride-1 convolutions go to
 //! `cpu_winograd` instead (forward only; their gradients use the direct pieces here).
 
+use crate::cpu_winograd::WeightOwner;
 use burn::tensor::ops::ConvOptions;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -223,12 +224,16 @@ thread_local! {
 
 /// `act(conv2d(x, weight) + bias + residual)` in NCHW, where `act` is ReLU or the identity.
 ///
-/// `bias` has one value per output channel; `residual` has the output's shape. Panics if a
-/// slice's length does not match `geo` (the caller builds both from the same tensors).
+/// `bias` has one value per output channel; `residual` has the output's shape. `owner`, where
+/// given, is the storage `weight` is exactly (see [`WeightOwner`]): the Winograd path then
+/// keeps the weights' transform for later calls. Panics if a slice's length does not match
+/// `geo` (the caller builds both from the same tensors).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d(
     geo: &Conv2dGeometry,
     x: &[f32],
     weight: &[f32],
+    owner: Option<&WeightOwner>,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     relu: bool,
@@ -243,9 +248,9 @@ pub(crate) fn conv2d(
     }
     // Winograd where it applies, unless an output came out NaN or infinite there: then the
     // direct path below recomputes it (and gives NaN and infinity their direct positions).
-    if let Some(out) = crate::cpu_winograd::Plan::new(geo)
-        .and_then(|plan| crate::cpu_winograd::conv2d(geo, &plan, x, weight, bias, residual, relu))
-    {
+    if let Some(out) = crate::cpu_winograd::Plan::new(geo).and_then(|plan| {
+        crate::cpu_winograd::conv2d(geo, &plan, x, weight, owner, bias, residual, relu)
+    }) {
         return out;
     }
     let len = geo.output_len();

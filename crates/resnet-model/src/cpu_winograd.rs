@@ -21,8 +21,9 @@
 
 use super::cpu_conv::{BALANCED_UNITS, Conv2dGeometry, Mat, SharedOut, gemm_mat, relu_nan};
 use rayon::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// A unit's transformed inputs (a * a x in_channels x tiles) and products (a * a x
 /// out_channels x tiles) stay within about this many floats together.
@@ -302,22 +303,168 @@ fn transform_weights<V: Variant<N, A>, const N: usize, const A: usize>(
     u
 }
 
+/// The storage a weight buffer belongs to (a flex tensor's shared bytes, covering exactly the
+/// weights): the key of the transformed-weight cache. The cache holds a clone, which keeps the
+/// buffer alive and shared: it cannot be freed (so its address cannot come back as another
+/// tensor's), and flex copies a shared buffer before writing to it, so the weights under a key
+/// never change.
+pub(crate) type WeightOwner = Arc<burn::tensor::Bytes>;
+
+/// At most this many bytes of transformed weights stay cached (least recently used go first):
+/// ResNet-50's take 30 MiB, ResNet-152's about 170.
+const CACHE_BYTES: usize = 256 << 20;
+
+/// One weight buffer's transforms: per variant (F2, F4) and `[out, in]` channel counts (one
+/// buffer could be read with two shapes).
+struct CachedWeights {
+    owner: WeightOwner,
+    transforms: Vec<(Tile, [usize; 2], Arc<Vec<f32>>)>,
+    last_use: u64,
+}
+
+impl CachedWeights {
+    fn bytes(&self) -> usize {
+        4 * self
+            .transforms
+            .iter()
+            .map(|(_, _, u)| u.len())
+            .sum::<usize>()
+    }
+}
+
+/// Transformed weights of the convolutions run so far, so that a model's weights are
+/// transformed at its first call, not at every call (1.5 ms of ResNet-18's 25 ms at batch 1,
+/// 6 ms of ResNet-50's 360 ms at batch 8). An entry whose weights nobody else holds any more
+/// is dropped at the next lookup.
+static CACHE: Mutex<Vec<CachedWeights>> = Mutex::new(Vec::new());
+
+/// Lookups so far (the recency clock of the cache's entries).
+static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    /// Set while training runs a convolution: its weights change at every step, so caching
+    /// their transforms would only keep the previous step's weights alive (and make the
+    /// optimizer copy them rather than update them in place).
+    static CACHE_OFF: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` with the transformed-weight cache off on this thread.
+pub(crate) fn without_weight_cache<T>(f: impl FnOnce() -> T) -> T {
+    let before = CACHE_OFF.replace(true);
+    let out = f();
+    CACHE_OFF.set(before);
+    out
+}
+
+/// Drop every cached weight transform (and the weights they keep alive).
+pub(crate) fn clear_weight_cache() {
+    CACHE.lock().unwrap_or_else(PoisonError::into_inner).clear();
+}
+
+/// Number of weight buffers with cached transforms, and their bytes.
+pub(crate) fn weight_cache_usage() -> (usize, usize) {
+    let cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    (cache.len(), cache.iter().map(CachedWeights::bytes).sum())
+}
+
+/// `transform_weights` for `tile`, from the cache where `owner` names the weights' storage.
+fn weights_for<V: Variant<N, A>, const N: usize, const A: usize>(
+    geo: &Conv2dGeometry,
+    weight: &[f32],
+    owner: Option<&WeightOwner>,
+    tile: Tile,
+) -> Arc<Vec<f32>> {
+    let Some(owner) = owner.filter(|_| !CACHE_OFF.get()) else {
+        return Arc::new(transform_weights::<V, N, A>(geo, weight));
+    };
+    let channels = [geo.out_channels, geo.in_channels];
+    let now = CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let same = |entry: &CachedWeights| Arc::ptr_eq(&entry.owner, owner);
+    let find = |entry: &CachedWeights| {
+        let kind = |(t, c, _): &&(Tile, [usize; 2], Arc<Vec<f32>>)| *t == tile && *c == channels;
+        entry
+            .transforms
+            .iter()
+            .find(kind)
+            .map(|(_, _, u)| Arc::clone(u))
+    };
+    {
+        let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.retain(|entry| Arc::strong_count(&entry.owner) > 1);
+        if let Some(entry) = cache.iter_mut().find(|entry| same(entry)) {
+            entry.last_use = now;
+            if let Some(u) = find(entry) {
+                return u;
+            }
+        }
+    }
+    // Transformed outside the lock (another thread may do the same meanwhile: the first
+    // result stored wins, both are equal).
+    let u = Arc::new(transform_weights::<V, N, A>(geo, weight));
+    let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    let index = match cache.iter().position(same) {
+        Some(index) => index,
+        None => {
+            cache.push(CachedWeights {
+                owner: Arc::clone(owner),
+                transforms: Vec::new(),
+                last_use: now,
+            });
+            cache.len() - 1
+        }
+    };
+    let entry = &mut cache[index];
+    let u = match find(entry) {
+        Some(stored) => stored,
+        None => {
+            entry.transforms.push((tile, channels, Arc::clone(&u)));
+            u
+        }
+    };
+    shrink(&mut cache, index, CACHE_BYTES);
+    u
+}
+
+/// Drop least recently used entries other than `index` until the cache holds at most
+/// `budget` bytes; `index` too if it alone is over.
+fn shrink(cache: &mut Vec<CachedWeights>, index: usize, budget: usize) {
+    let mut bytes: Vec<usize> = cache.iter().map(CachedWeights::bytes).collect();
+    let mut kept = index;
+    while bytes.iter().sum::<usize>() > budget {
+        let Some(oldest) = (0..cache.len())
+            .filter(|&i| i != kept)
+            .min_by_key(|&i| cache[i].last_use)
+        else {
+            cache.clear();
+            return;
+        };
+        cache.swap_remove(oldest);
+        bytes.swap_remove(oldest);
+        // swap_remove moved the last entry into `oldest`.
+        if kept == cache.len() {
+            kept = oldest;
+        }
+    }
+}
+
 /// `act(conv2d(x, weight) + bias + residual)` in NCHW for a geometry with a [`Plan`], or
 /// `None` where an output came out NaN or infinite (the caller then computes it directly, so
-/// that NaN and infinity reach exactly the outputs they reach there).
+/// that NaN and infinity reach exactly the outputs they reach there). `owner`, where given,
+/// is the storage of `weight` (see [`WeightOwner`]): the weights' transform is then cached.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d(
     geo: &Conv2dGeometry,
     plan: &Plan,
     x: &[f32],
     weight: &[f32],
+    owner: Option<&WeightOwner>,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     relu: bool,
 ) -> Option<Vec<f32>> {
     match plan.tile {
-        Tile::F2 => conv2d_with::<F2, 2, 4>(geo, plan, x, weight, bias, residual, relu),
-        Tile::F4 => conv2d_with::<F4, 4, 6>(geo, plan, x, weight, bias, residual, relu),
+        Tile::F2 => conv2d_with::<F2, 2, 4>(geo, plan, x, weight, owner, bias, residual, relu),
+        Tile::F4 => conv2d_with::<F4, 4, 6>(geo, plan, x, weight, owner, bias, residual, relu),
     }
 }
 
@@ -327,11 +474,12 @@ fn conv2d_with<V: Variant<N, A>, const N: usize, const A: usize>(
     plan: &Plan,
     x: &[f32],
     weight: &[f32],
+    owner: Option<&WeightOwner>,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     relu: bool,
 ) -> Option<Vec<f32>> {
-    let u = transform_weights::<V, N, A>(geo, weight);
+    let u = weights_for::<V, N, A>(geo, weight, owner, plan.tile);
     let len = geo.output_len();
     // Not zeroed: every output row is written once, by the unit holding its tile row.
     let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -607,6 +755,35 @@ mod tests {
     }
 
     #[test]
+    fn weight_cache_drops_least_recently_used_first() {
+        let entry = |floats: usize, last_use: u64| CachedWeights {
+            owner: Arc::new(burn::tensor::Bytes::from_elems(vec![0.0f32])),
+            transforms: vec![(Tile::F2, [1, 1], Arc::new(vec![0.0; floats]))],
+            last_use,
+        };
+        let uses = |cache: &[CachedWeights]| cache.iter().map(|e| e.last_use).collect::<Vec<_>>();
+        // 4 entries of 400 bytes; a budget of 1000 keeps 2: the one just used (index 0, the
+        // oldest use) and the most recent other one.
+        let mut cache = vec![entry(100, 1), entry(100, 5), entry(100, 3), entry(100, 4)];
+        shrink(&mut cache, 0, 1000);
+        let mut left = uses(&cache);
+        left.sort();
+        assert_eq!(left, [1, 5]);
+        // Within the budget: nothing goes.
+        let mut cache = vec![entry(100, 1), entry(100, 2)];
+        shrink(&mut cache, 1, 800);
+        assert_eq!(uses(&cache), [1, 2]);
+        // The entry just used is last: it moves when an earlier one goes, and still stays.
+        let mut cache = vec![entry(100, 5), entry(100, 6), entry(100, 1)];
+        shrink(&mut cache, 2, 500);
+        assert_eq!(uses(&cache), [1]);
+        // The entry just used is over the budget alone: nothing stays.
+        let mut cache = vec![entry(100, 1), entry(1000, 2)];
+        shrink(&mut cache, 1, 1000);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
     fn picks_f4_where_it_pays_and_f2_elsewhere() {
         let pad = [(1, 1); 2];
         let tile = |x, m| Plan::new(&geometry(x, m, pad)).map(|plan| plan.tile);
@@ -636,8 +813,8 @@ mod tests {
         // F2's coefficients are 0, +-1 and +-1/2: direct convolution's rounding. F4's reach 8.
         for (tile, tolerance) in [(Tile::F2, 2e-6), (Tile::F4, 1e-5)] {
             let plan = Plan::with_tile(&geo, tile).expect("enough tiles per unit");
-            let got =
-                conv2d(&geo, &plan, &x, &w, Some(&bias), Some(&res), true).expect("finite outputs");
+            let got = conv2d(&geo, &plan, &x, &w, None, Some(&bias), Some(&res), true)
+                .expect("finite outputs");
             let diff = got
                 .iter()
                 .zip(&expected)
@@ -656,10 +833,10 @@ mod tests {
         let w = values(geo.weight_len(), 6);
         for (tile, special) in [(Tile::F2, f32::NAN), (Tile::F4, f32::INFINITY)] {
             let plan = Plan::with_tile(&geo, tile).expect("enough tiles per unit");
-            assert!(conv2d(&geo, &plan, &x, &w, None, None, false).is_some());
+            assert!(conv2d(&geo, &plan, &x, &w, None, None, None, false).is_some());
             x[1234] = special;
             assert!(
-                conv2d(&geo, &plan, &x, &w, None, None, false).is_none(),
+                conv2d(&geo, &plan, &x, &w, None, None, None, false).is_none(),
                 "{tile:?} with {special} in the input"
             );
             x[1234] = 0.5;

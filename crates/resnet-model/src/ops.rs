@@ -52,6 +52,28 @@ pub fn winograd() -> bool {
     WINOGRAD.load(Ordering::Relaxed)
 }
 
+/// Drop the Winograd weight transforms kept from earlier calls, and the weights they hold.
+///
+/// Outside training, the Winograd path transforms a convolution's weights at its first call
+/// and keeps the result (keyed by the weight tensor's storage, which the cache holds, so the
+/// weights cannot change under it: flex copies shared storage before writing) for later
+/// calls: at most 256 MiB, least recently used dropped first; an entry whose weights nothing
+/// else holds goes at the next Winograd call. Call this to free that memory at once, e.g.
+/// after dropping a model. Does nothing without the `flex` feature.
+pub fn clear_weight_cache() {
+    #[cfg(feature = "flex")]
+    crate::cpu_winograd::clear_weight_cache();
+}
+
+/// Number of weight tensors with cached Winograd transforms (see [`clear_weight_cache`]), and
+/// the bytes of those transforms. `(0, 0)` without the `flex` feature.
+pub fn weight_cache_usage() -> (usize, usize) {
+    #[cfg(feature = "flex")]
+    return crate::cpu_winograd::weight_cache_usage();
+    #[cfg(not(feature = "flex"))]
+    (0, 0)
+}
+
 /// `act(conv(input) + residual)`, with `act` the ReLU when `apply_relu`, else the identity.
 ///
 /// # Shapes
@@ -214,7 +236,11 @@ mod flex {
             relu: bool,
         ) -> FlexTensor {
             let x = x.to_contiguous();
+            // The weights' own storage names them for the Winograd weight cache, unless making
+            // them contiguous copied them (a fresh buffer at every call).
+            let storage = weight.data_arc();
             let weight = weight.to_contiguous();
+            let owner = std::sync::Arc::ptr_eq(&storage, &weight.data_arc()).then_some(storage);
             let bias = bias.into_option().map(|b| b.to_contiguous());
             let residual = residual.into_option().map(|r| r.to_contiguous());
             let geo = Conv2dGeometry::new(dims4(&x), dims4(&weight), &options)
@@ -223,6 +249,7 @@ mod flex {
                 &geo,
                 x.storage::<f32>(),
                 weight.storage::<f32>(),
+                owner.as_ref(),
                 bias.as_ref().map(|b| b.storage::<f32>()),
                 residual.as_ref().map(|r| r.storage::<f32>()),
                 relu,
@@ -331,15 +358,18 @@ mod flex {
                 }
             }
 
+            // Training changes the weights at every step: no Winograd weight cache.
             let forward = |x: FloatTensor<B>, weight: FloatTensor<B>, options: ConvOptions<2>| {
-                B::conv2d_fused(
-                    x,
-                    weight,
-                    OptionalTensor::None,
-                    OptionalTensor::None,
-                    options,
-                    false,
-                )
+                crate::cpu_winograd::without_weight_cache(|| {
+                    B::conv2d_fused(
+                        x,
+                        weight,
+                        OptionalTensor::None,
+                        OptionalTensor::None,
+                        options,
+                        false,
+                    )
+                })
             };
             match PlainConv2d
                 .prepare::<C>([x.node(), weight.node()])
