@@ -29,6 +29,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 /// out_channels x tiles) stay within about this many floats together.
 const UNIT_FLOATS: usize = 512 * 1024;
 
+/// The input transforms' vector length: tile rows are processed in multiples of it.
+const LANES: usize = 8;
+
 /// Fewer tiles per GEMM than this and the direct convolution is faster.
 const MIN_TILES_PER_UNIT: usize = 32;
 
@@ -122,7 +125,9 @@ impl Variant<4, 6> for F4 {
 }
 
 /// `dst[l][j] = f(src[0][j], .., src[K-1][j])[l]` for `j < len`: one transform applied along
-/// `len` columns at once (the loop vectorizes along `j`).
+/// `len` columns at once, vectorized along `j`: LANES columns at a time go through local
+/// arrays, as the compiler cannot tell that K + L slices held in arrays do not overlap (a
+/// plain loop over them stayed scalar).
 #[inline(always)]
 fn apply<const K: usize, const L: usize>(
     src: [&[f32]; K],
@@ -132,7 +137,24 @@ fn apply<const K: usize, const L: usize>(
 ) {
     let src = src.map(|s| &s[..len]);
     let mut dst = dst.map(|d| &mut d[..len]);
-    for j in 0..len {
+    let whole = len / LANES * LANES;
+    for j in (0..whole).step_by(LANES) {
+        let mut x = [[0.0f32; LANES]; K];
+        for (x, s) in x.iter_mut().zip(&src) {
+            x.copy_from_slice(&s[j..j + LANES]);
+        }
+        let mut y = [[0.0f32; LANES]; L];
+        for lane in 0..LANES {
+            let values = f(std::array::from_fn(|k| x[k][lane]));
+            for (y, value) in y.iter_mut().zip(values) {
+                y[lane] = value;
+            }
+        }
+        for (d, y) in dst.iter_mut().zip(&y) {
+            d[j..j + LANES].copy_from_slice(y);
+        }
+    }
+    for j in whole..len {
         let values = f(std::array::from_fn(|k| src[k][j]));
         for (d, value) in dst.iter_mut().zip(values) {
             d[j] = value;
@@ -553,14 +575,24 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
         y,
         tile: tile_buf,
     } = scratch;
-    v.resize(A * A * c * tiles, 0.0);
+    // The input transforms run along a tile row's `tw` tiles, as vectors of `lanes` (`tw`
+    // rounded up to LANES): 7 or 14 tiles left most of each vector loop to its scalar
+    // remainder. The extra lanes compute values that no output uses: in the row buffers they
+    // are never read, and in V they land in the next tile row's slots (written after), the
+    // next channel's (written after) or the `spill` at the end of each matrix.
+    let lanes = tw.next_multiple_of(LANES);
+    let spill = lanes - tw;
+    let matrix = c * tiles + spill;
+    v.resize(A * A * matrix, 0.0);
     prod.resize(A * A * m * tiles, 0.0);
     // One zero-padded input row (N * (tw + 1) elements), its N phases (elements N * j + r for
-    // r < N, tw + 1 each), and A slots of A horizontally transformed rows.
+    // r < N, `lanes + 1` each: window element k of tile j is phases[k % N][j + k / N]), and A
+    // slots of A horizontally transformed rows (`lanes` each).
     let padded = N * (tw + 1);
-    buf.resize(2 * padded + A * A * tw, 0.0);
+    let phase_len = lanes + 1;
+    buf.resize(padded + N * phase_len + A * A * lanes, 0.0);
     let (row_buf, rest) = buf.split_at_mut(padded);
-    let (phases, h) = rest.split_at_mut(padded);
+    let (phases, h) = rest.split_at_mut(N * phase_len);
 
     // V = Bt d B for every tile and input channel: V[xi][channel][tile]. The horizontal half
     // (Bt along each input row, for the window at N * j) is kept per row in one of A slots:
@@ -589,22 +621,32 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
                     row_buf[pad..pad + len].copy_from_slice(&src[..len]);
                 }
                 // The phases apart, so that each window element is a contiguous slice along
-                // the windows: element k of window j is phases[k % N][j + k / N].
-                for (j, chunk) in row_buf.chunks_exact(N).enumerate() {
-                    for (phase, &value) in chunk.iter().enumerate() {
-                        phases[phase * (tw + 1) + j] = value;
+                // the windows.
+                for (phase, out) in phases.chunks_exact_mut(phase_len).enumerate() {
+                    // Index loops over slices cut to length: no bounds checks, so they
+                    // vectorize.
+                    let (out, src) = (&mut out[..tw + 1], &row_buf[phase..][..N * tw + 1]);
+                    #[allow(clippy::needless_range_loop)]
+                    for j in 0..tw + 1 {
+                        out[j] = src[N * j];
                     }
                 }
                 let src: [&[f32]; A] =
-                    std::array::from_fn(|k| &phases[(k % N) * (tw + 1) + k / N..][..tw]);
-                apply(src, strided_mut(h, slot * A * tw, tw, tw), tw, V::input);
+                    std::array::from_fn(|k| &phases[(k % N) * phase_len + k / N..][..lanes]);
+                apply(
+                    src,
+                    strided_mut(h, slot * A * lanes, lanes, lanes),
+                    lanes,
+                    V::input,
+                );
             }
-            // Bt along the columns: V[r * A + b] (A * c * tiles floats apart) from h[.][b].
+            // Bt along the columns: V[r * A + b] (A matrices apart) from h[.][b].
             let col = i * tw;
             for b in 0..A {
-                let src: [&[f32]; A] = std::array::from_fn(|r| &h[(slots[r] * A + b) * tw..][..tw]);
-                let dst = strided_mut(v, (b * c + channel) * tiles + col, A * c * tiles, tw);
-                apply(src, dst, tw, V::input);
+                let src: [&[f32]; A] =
+                    std::array::from_fn(|r| &h[(slots[r] * A + b) * lanes..][..lanes]);
+                let dst = strided_mut(v, b * matrix + channel * tiles + col, A * matrix, lanes);
+                apply(src, dst, lanes, V::input);
             }
         }
     }
@@ -614,7 +656,7 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
     // multiple of 64, rather than along a unit's tiles, which are not). As one product:
     // M[xi]^T (tiles x m) = V[xi]^T (tiles x c) * U[xi]^T (c x m, U's in x out layout).
     for xi in 0..A * A {
-        let lhs = Mat::row_major(&v[xi * c * tiles..(xi + 1) * c * tiles], tiles).transposed();
+        let lhs = Mat::row_major(&v[xi * matrix..][..c * tiles], tiles).transposed();
         let rhs = Mat::row_major(&u[xi * c * m..(xi + 1) * c * m], m);
         // SAFETY: lhs is tiles x c (V[xi], c x tiles floats), rhs c x m (U[xi]), and the
         // destination tiles rows of m floats inside `prod`.
