@@ -23,10 +23,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keep freed memory mapped rather than letting mimalloc purge it (hand it back to the kernel)
-/// 10 ms after a free: between two forward passes it did, and the next pass page-faulted it
-/// back, zeroing 2 MiB huge pages (about 1,500 faults per ResNet-50 batch-8 forward, ~5% of
-/// its profile; 450 in a whole 13-pass `resnet bench` run without purging, at the same peak
-/// memory). `MIMALLOC_PURGE_DELAY` in the environment still decides where set.
+/// a while after a free (1 s, mimalloc 3's default): it did, and a later pass page-faulted it
+/// back, the kernel zeroing every page again (about 1,500 faults per ResNet-50 batch-8
+/// forward, ~5% of its profile; 435 in a whole 13-pass `resnet bench` run without purging, at
+/// the same peak memory). `MIMALLOC_PURGE_DELAY` in the environment still decides where set.
 #[allow(unsafe_code)] // mimalloc's C option setter
 fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
@@ -103,5 +103,27 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MI_OPTION_PURGE_DELAY;
+
+    /// The option index names the purge delay: it reads as the delay's default in mimalloc 3,
+    /// 1000 ms, in a process that did not set it (were the index another option's, e.g. after
+    /// a mimalloc update, this is where it shows).
+    #[test]
+    #[allow(unsafe_code)] // mimalloc's C option getter
+    fn purge_delay_option_index() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            eprintln!("skipped: MIMALLOC_PURGE_DELAY is set");
+            return;
+        }
+        // SAFETY: reads one option; nothing in the test binary sets options.
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
+            1000
+        );
     }
 }

@@ -370,12 +370,17 @@ thread_local! {
     static CACHE_OFF: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Run `f` with the transformed-weight cache off on this thread.
+/// Run `f` with the transformed-weight cache off on this thread (back as it was afterwards,
+/// even if `f` panics).
 pub(crate) fn without_weight_cache<T>(f: impl FnOnce() -> T) -> T {
-    let before = CACHE_OFF.replace(true);
-    let out = f();
-    CACHE_OFF.set(before);
-    out
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CACHE_OFF.set(self.0);
+        }
+    }
+    let _restore = Restore(CACHE_OFF.replace(true));
+    f()
 }
 
 /// Drop every cached weight transform (and the weights they keep alive).
