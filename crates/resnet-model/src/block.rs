@@ -162,7 +162,7 @@ pub(crate) fn conv_bn_act(
     if folded {
         return ops::conv2d_fused(conv, input, residual, apply_relu);
     }
-    let mut out = bn.forward(ops::conv2d_fused(conv, input, None, false));
+    let mut out = ops::batch_norm(bn, ops::conv2d_fused(conv, input, None, false));
     if let Some(residual) = residual {
         out = out + residual;
     }

@@ -372,6 +372,7 @@ thread_local! {
 
 /// Run `f` with the transformed-weight cache off on this thread (back as it was afterwards,
 /// even if `f` panics).
+#[cfg_attr(not(feature = "autodiff"), allow(dead_code))] // training's convolutions only
 pub(crate) fn without_weight_cache<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(bool);
     impl Drop for Restore {

@@ -28,6 +28,8 @@
 
 mod block;
 #[cfg(feature = "flex")]
+mod cpu_batchnorm;
+#[cfg(feature = "flex")]
 #[allow(unsafe_code)] // raw output pointer shared by work units, and the gemm call
 mod cpu_conv;
 #[cfg(feature = "flex")]

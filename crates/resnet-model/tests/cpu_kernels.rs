@@ -653,3 +653,81 @@ fn training_gradients_match_burn() {
         "conv2d_fused did not run resnet-rs's kernels under autodiff"
     );
 }
+
+#[cfg(feature = "autodiff")]
+/// Largest difference between `got` and `expected`, relative to the largest `expected`.
+fn relative_difference(got: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(got.len(), expected.len(), "sizes");
+    let scale = expected.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(expected)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+#[cfg(feature = "autodiff")]
+#[test]
+fn training_batch_norm_matches_burn() {
+    use burn::nn::{BatchNorm, BatchNormConfig};
+    use resnet_model::ops::batch_norm;
+
+    let device = Device::flex().autodiff();
+    let flat = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().expect("float32 tensor");
+    for (shape, label) in [
+        ([4, 8, 5, 7], "odd plane"),
+        ([2, 16, 32, 32], "32x32"),
+        ([3, 5, 1, 1], "1x1"),
+        ([64, 3, 4, 4], "batch 64"),
+    ] {
+        let channels = shape[1];
+        let gamma = Tensor::<1>::random([channels], Distribution::Normal(1.0, 0.5), &device);
+        let beta = Tensor::<1>::random([channels], Distribution::Normal(0.0, 0.5), &device);
+        let make = || {
+            let mut bn: BatchNorm = BatchNormConfig::new(channels).init(&device);
+            bn.gamma = Param::from_tensor(gamma.clone());
+            bn.beta = Param::from_tensor(beta.clone());
+            bn
+        };
+        let (ours, burn) = (make(), make());
+        // Two steps, so that the running statistics accumulate.
+        for step in 0..2 {
+            let x = Tensor::<4>::random(shape, Distribution::Normal(0.5, 2.0), &device).into_data();
+            let upstream = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let run = |bn: &BatchNorm, fused: bool| {
+                let x = Tensor::<4>::from_data(x.clone(), &device).require_grad();
+                let out = if fused {
+                    batch_norm(bn, x.clone())
+                } else {
+                    bn.forward(x.clone())
+                };
+                let grads = (out.clone() * upstream.clone()).sum().backward();
+                (
+                    values(out),
+                    values(x.grad(&grads).expect("input gradient")),
+                    flat(bn.gamma.grad(&grads).expect("gamma gradient")),
+                    flat(bn.beta.grad(&grads).expect("beta gradient")),
+                )
+            };
+            let (got, expected) = (run(&ours, true), run(&burn, false));
+            for (name, got, expected, tolerance) in [
+                ("output", &got.0, &expected.0, 1e-5),
+                ("input gradient", &got.1, &expected.1, 2e-5),
+                ("gamma gradient", &got.2, &expected.2, 1e-5),
+                ("beta gradient", &got.3, &expected.3, 1e-5),
+            ] {
+                let diff = relative_difference(got, expected);
+                assert!(
+                    diff <= tolerance,
+                    "{label}, step {step}: {name} off by {diff}"
+                );
+            }
+            for (name, got, expected) in [
+                ("running mean", &ours.running_mean, &burn.running_mean),
+                ("running variance", &ours.running_var, &burn.running_var),
+            ] {
+                let diff = relative_difference(&flat(got.value()), &flat(expected.value()));
+                assert!(diff <= 1e-5, "{label}, step {step}: {name} off by {diff}");
+            }
+        }
+    }
+}
