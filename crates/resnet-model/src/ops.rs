@@ -690,11 +690,7 @@ mod flex {
     }
 
     fn float32(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
-        FlexTensor::new(
-            burn::tensor::Bytes::from_elems(values),
-            Layout::contiguous(Shape::from(shape.to_vec())),
-            DType::F32,
-        )
+        float32_shaped(values, shape.to_vec())
     }
 
     /// Whether `t` is a float32 flex tensor (an autodiff one too if `autodiff`) and the
