@@ -729,19 +729,25 @@ mod flex {
             return Err(input);
         }
         let device = input.device();
-        // The batch's statistics, as constants (the backward pass accounts for them).
+        // The batch's statistics, as constants (the backward pass accounts for them), back on
+        // autodiff with the input's checkpointing strategy (operands must share one).
+        let strategy = input.gradient_checkpointing_strategy();
+        let like_input = |t: Tensor<1>| match strategy {
+            Some(strategy) => t.autodiff().with_gradient_checkpointing_strategy(strategy),
+            None => t.autodiff(),
+        };
         let stats = Tensor::<1>::from_dispatch(<Dispatch as ResNetKernels>::batch_norm_stats(
             input.clone().inner().into_dispatch(),
         ));
         let out = <Dispatch as ResNetKernels>::batch_norm_apply(
             input.into_dispatch(),
-            stats.clone().autodiff().into_dispatch(),
+            like_input(stats.clone()).into_dispatch(),
             gamma.into_dispatch(),
             beta.into_dispatch(),
             bn.epsilon,
         );
         // Running statistics as Burn's `BatchNorm` keeps them (the biased variance).
-        let batch = |range| Tensor::from_inner(stats.clone().slice(range)).to_device(&device);
+        let batch = |range| like_input(stats.clone().slice(range)).to_device(&device);
         for (running, value) in [
             (&bn.running_mean, batch(0..channels)),
             (&bn.running_var, batch(channels..2 * channels)),

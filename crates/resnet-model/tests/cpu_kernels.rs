@@ -671,19 +671,21 @@ fn training_batch_norm_matches_burn() {
     use burn::nn::{BatchNorm, BatchNormConfig};
     use resnet_model::ops::batch_norm;
 
-    let device = Device::flex().autodiff();
     let flat = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().expect("float32 tensor");
-    for (shape, label) in [
-        ([4, 8, 5, 7], "odd plane"),
-        ([2, 16, 32, 32], "32x32"),
-        ([3, 5, 1, 1], "1x1"),
-        ([64, 3, 4, 4], "batch 64"),
+    let plain = Device::flex().autodiff();
+    let checkpointed = Device::flex().autodiff().gradient_checkpointing();
+    for (shape, label, device) in [
+        ([4, 8, 5, 7], "odd plane", &plain),
+        ([2, 16, 32, 32], "32x32", &plain),
+        ([3, 5, 1, 1], "1x1", &plain),
+        ([64, 3, 4, 4], "batch 64", &plain),
+        ([4, 8, 5, 7], "gradient checkpointing", &checkpointed),
     ] {
         let channels = shape[1];
-        let gamma = Tensor::<1>::random([channels], Distribution::Normal(1.0, 0.5), &device);
-        let beta = Tensor::<1>::random([channels], Distribution::Normal(0.0, 0.5), &device);
+        let gamma = Tensor::<1>::random([channels], Distribution::Normal(1.0, 0.5), device);
+        let beta = Tensor::<1>::random([channels], Distribution::Normal(0.0, 0.5), device);
         let make = || {
-            let mut bn: BatchNorm = BatchNormConfig::new(channels).init(&device);
+            let mut bn: BatchNorm = BatchNormConfig::new(channels).init(device);
             bn.gamma = Param::from_tensor(gamma.clone());
             bn.beta = Param::from_tensor(beta.clone());
             bn
@@ -691,10 +693,10 @@ fn training_batch_norm_matches_burn() {
         let (ours, burn) = (make(), make());
         // Two steps, so that the running statistics accumulate.
         for step in 0..2 {
-            let x = Tensor::<4>::random(shape, Distribution::Normal(0.5, 2.0), &device).into_data();
-            let upstream = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let x = Tensor::<4>::random(shape, Distribution::Normal(0.5, 2.0), device).into_data();
+            let upstream = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device);
             let run = |bn: &BatchNorm, fused: bool| {
-                let x = Tensor::<4>::from_data(x.clone(), &device).require_grad();
+                let x = Tensor::<4>::from_data(x.clone(), device).require_grad();
                 let out = if fused {
                     batch_norm(bn, x.clone())
                 } else {
@@ -709,6 +711,11 @@ fn training_batch_norm_matches_burn() {
                 )
             };
             let (got, expected) = (run(&ours, true), run(&burn, false));
+            // Bit-identical results would mean Burn's batch norm ran on both sides.
+            assert!(
+                got.0 != expected.0 || got.1 != expected.1,
+                "{label}: ops::batch_norm fell back to Burn's"
+            );
             for (name, got, expected, tolerance) in [
                 ("output", &got.0, &expected.0, 1e-5),
                 ("input gradient", &got.1, &expected.1, 2e-5),
@@ -730,4 +737,43 @@ fn training_batch_norm_matches_burn() {
             }
         }
     }
+}
+
+#[cfg(feature = "autodiff")]
+#[test]
+fn training_convolution_under_gradient_checkpointing() {
+    // resnet-rs's training convolution on a checkpointed autodiff device: the same gradients
+    // as Burn's convolution there.
+    let device = Device::flex().autodiff().gradient_checkpointing();
+    let conv = Conv2dConfig::new([8, 16], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .with_bias(false)
+        .init(&device);
+    let x =
+        Tensor::<4>::random([2, 8, 20, 20], Distribution::Normal(0.0, 1.0), &device).into_data();
+    let upstream = Tensor::<4>::random([2, 16, 20, 20], Distribution::Normal(0.0, 1.0), &device);
+    let run = |fused: bool| {
+        let x = Tensor::<4>::from_data(x.clone(), &device).require_grad();
+        let out = if fused {
+            conv2d_fused(&conv, x.clone(), None, false)
+        } else {
+            conv.forward(x.clone())
+        };
+        let grads = (relu(out) * upstream.clone()).sum().backward();
+        (
+            values(x.grad(&grads).expect("input gradient")),
+            values(conv.weight.grad(&grads).expect("weight gradient")),
+        )
+    };
+    let (ours, burn) = (run(true), run(false));
+    let (dx, dw) = (
+        relative_difference(&ours.0, &burn.0),
+        relative_difference(&ours.1, &burn.1),
+    );
+    assert!(dx <= 1e-5 && dw <= 1e-5, "gradients off by {dx} and {dw}");
+    // Bit-identical gradients would mean Burn's convolution ran on both sides.
+    assert!(
+        dx + dw > 0.0,
+        "conv2d_fused fell back to Burn's convolution"
+    );
 }
