@@ -3,7 +3,8 @@
 //! copies the tensor, for each per-channel reduction: 7% of a CIFAR ResNet-18 training step).
 //!
 //! `x` is `[batch, channels, plane]` flattened; statistics are per channel over `batch * plane`
-//! values, accumulated in f64, variance biased (as PyTorch and Burn normalize with).
+//! values (float32 partial sums per image, added up in f64), variance biased (as PyTorch and
+//! Burn normalize with).
 
 use rayon::prelude::*;
 
@@ -35,8 +36,8 @@ impl NormShape {
 /// Lanes of the partial sums: independent accumulators, so that the sums vectorize.
 const LANES: usize = 8;
 
-/// `sum(f(a[i], b[i]))`, in LANES float32 partial sums per call (one image row of a channel, a
-/// few thousand values at most) added up in f64.
+/// `sum(f(a[i], b[i]))`, in LANES float32 partial sums per call (one image's plane of a
+/// channel: 1,024 values at 32x32, 12,544 at ResNet's 112x112 stem) added up in f64.
 #[inline]
 fn row_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     let mut lanes = [0.0f32; LANES];
