@@ -456,9 +456,8 @@ fn weights_for<V: Variant<N, A>, const N: usize, const A: usize>(
 /// Drop least recently used entries other than `index` until the cache holds at most
 /// `budget` bytes; `index` too if it alone is over.
 fn shrink(cache: &mut Vec<CachedWeights>, index: usize, budget: usize) {
-    let mut bytes: Vec<usize> = cache.iter().map(CachedWeights::bytes).collect();
     let mut kept = index;
-    while bytes.iter().sum::<usize>() > budget {
+    while cache.iter().map(CachedWeights::bytes).sum::<usize>() > budget {
         let Some(oldest) = (0..cache.len())
             .filter(|&i| i != kept)
             .min_by_key(|&i| cache[i].last_use)
@@ -467,7 +466,6 @@ fn shrink(cache: &mut Vec<CachedWeights>, index: usize, budget: usize) {
             return;
         };
         cache.swap_remove(oldest);
-        bytes.swap_remove(oldest);
         // swap_remove moved the last entry into `oldest`.
         if kept == cache.len() {
             kept = oldest;
