@@ -56,26 +56,29 @@ fn row_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     lanes.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(tail)
 }
 
+/// `[a..., b...]` (2 * channels values) for `(a, b) = f(c)` of every channel `c`, channels in
+/// parallel.
+fn per_channel_pairs(shape: &NormShape, f: impl Fn(usize) -> (f32, f32) + Sync + Send) -> Vec<f32> {
+    let pairs: Vec<(f32, f32)> = (0..shape.channels).into_par_iter().map(f).collect();
+    let (a, b): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+    [a, b].concat()
+}
+
 /// Per-channel `[mean..., biased variance...]` (2 * channels values) of `x`.
 pub(crate) fn stats(shape: &NormShape, x: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), shape.len(), "batch norm input length");
-    let per_channel: Vec<(f32, f32)> = (0..shape.channels)
-        .into_par_iter()
-        .map(|c| {
-            let sum: f64 = shape
-                .rows(x, c)
-                .map(|row| row_sum(row, row, |v, _| v))
-                .sum();
-            let mean = (sum / shape.count()) as f32;
-            let squares: f64 = shape
-                .rows(x, c)
-                .map(|row| row_sum(row, row, |v, _| (v - mean) * (v - mean)))
-                .sum();
-            (mean, (squares / shape.count()) as f32)
-        })
-        .collect();
-    let (mean, var): (Vec<f32>, Vec<f32>) = per_channel.into_iter().unzip();
-    [mean, var].concat()
+    per_channel_pairs(shape, |c| {
+        let sum: f64 = shape
+            .rows(x, c)
+            .map(|row| row_sum(row, row, |v, _| v))
+            .sum();
+        let mean = (sum / shape.count()) as f32;
+        let squares: f64 = shape
+            .rows(x, c)
+            .map(|row| row_sum(row, row, |v, _| (v - mean) * (v - mean)))
+            .sum();
+        (mean, (squares / shape.count()) as f32)
+    })
 }
 
 /// `1 / sqrt(var + epsilon)` per channel, from [`stats`]' output.
@@ -122,20 +125,15 @@ pub(crate) fn backward_params(
 ) -> Vec<f32> {
     assert_eq!(grad.len(), shape.len(), "batch norm gradient length");
     let inv = inv_std(shape, stats, epsilon);
-    let per_channel: Vec<(f32, f32)> = (0..shape.channels)
-        .into_par_iter()
-        .map(|c| {
-            let mean = stats[c];
-            let (mut dot, mut sum) = (0.0f64, 0.0f64);
-            for (x, g) in shape.rows(x, c).zip(shape.rows(grad, c)) {
-                dot += row_sum(x, g, |x, g| g * (x - mean));
-                sum += row_sum(g, g, |g, _| g);
-            }
-            ((dot * f64::from(inv[c])) as f32, sum as f32)
-        })
-        .collect();
-    let (gamma, beta): (Vec<f32>, Vec<f32>) = per_channel.into_iter().unzip();
-    [gamma, beta].concat()
+    per_channel_pairs(shape, |c| {
+        let mean = stats[c];
+        let (mut dot, mut sum) = (0.0f64, 0.0f64);
+        for (x, g) in shape.rows(x, c).zip(shape.rows(grad, c)) {
+            dot += row_sum(x, g, |x, g| g * (x - mean));
+            sum += row_sum(g, g, |g, _| g);
+        }
+        ((dot * f64::from(inv[c])) as f32, sum as f32)
+    })
 }
 
 /// Gradient of the input: `gamma * inv_std * (grad - mean(grad) - x_hat * mean(grad * x_hat))`,
