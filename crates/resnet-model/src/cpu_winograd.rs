@@ -44,10 +44,12 @@ const MIN_CHANNELS: usize = 64;
 /// 6.0 against 7.3).
 const MIN_F4_TILES: usize = 256;
 
-/// Outputs narrower than this take the direct path: at ResNet-50's 512-channel 7x7
-/// convolution (batch 8) F(2x2, 3x3) measured no faster than direct (9.8-10.1 against
-/// 9.9-10.2 ms: 4x4 tiles for 49 outputs, and 16 MiB of transformed weights per call).
-const MIN_OUTPUT_SIDE: usize = 14;
+/// Outputs narrower than this take the direct path. At ResNet-50's 512-channel 7x7
+/// convolution (batch 8) F(2x2, 3x3), 4x4 tiles for 49 outputs, measured 7.5 against 10.0 ms
+/// direct (`conv_layers`), and whole ResNet-50 batch-8 passes 5-6 ms faster (alternating
+/// `resnet bench` runs); smaller outputs were not measured. Its transformed weights take
+/// 16 MiB per such convolution in the weight cache.
+const MIN_OUTPUT_SIDE: usize = 7;
 
 /// One Winograd variant F(N x N, 3x3), with input tiles of side `A = N + 2`. The transforms
 /// act on one column of a tile.
@@ -833,11 +835,13 @@ mod tests {
     fn picks_f4_where_it_pays_and_f2_elsewhere() {
         let pad = [(1, 1); 2];
         let tile = |x, m| Plan::new(&geometry(x, m, pad)).map(|plan| plan.tile);
-        // ResNet-50 at batch 8: layer1 and layer2 F4, layer3 F2 (14x14), layer4 direct (7x7).
+        // ResNet-50 at batch 8: layer1 and layer2 F4, layer3 (14x14) and layer4 (7x7) F2.
         assert_eq!(tile([8, 64, 56, 56], 64), Some(Tile::F4));
         assert_eq!(tile([8, 128, 28, 28], 128), Some(Tile::F4));
         assert_eq!(tile([8, 256, 14, 14], 256), Some(Tile::F2));
-        assert_eq!(tile([8, 512, 7, 7], 512), None);
+        assert_eq!(tile([8, 512, 7, 7], 512), Some(Tile::F2));
+        // Batch 1 at 7x7: too few tiles per unit.
+        assert_eq!(tile([1, 512, 7, 7], 512), None);
         // Batch 1: too few tiles for F4 at 56x56; too few per unit for F4 at 28x28.
         assert_eq!(tile([1, 64, 56, 56], 64), Some(Tile::F2));
         assert_eq!(tile([1, 128, 28, 28], 128), Some(Tile::F2));

@@ -39,7 +39,7 @@ pub fn fast_kernels() -> bool {
 }
 
 /// Let [`conv2d_fused`] run the large 3x3 stride-1 convolutions on flex (at least 64 input
-/// and output channels, outputs of 14x14 and more, ungrouped) through Winograd's algorithm:
+/// and output channels, outputs of 7x7 and more, ungrouped) through Winograd's algorithm:
 /// on by default. F(4x4, 3x3) (4x fewer multiplications; rounding errors up to about 7e-6 of
 /// the largest output, against about 1e-6 direct) where the batch has enough 4x4 tiles and
 /// they cover the output closely (ResNet-50's 56x56 and 28x28 stages at batch 8), F(2x2, 3x3)

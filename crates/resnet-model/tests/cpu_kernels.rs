@@ -169,6 +169,23 @@ fn matches_burn_on_batches_odd_sizes_and_thread_counts() {
             8,
             "3x3 stride 2, batch 5",
         ),
+        // Small images with the whole batch in one GEMM per block of output channels: two
+        // blocks (151 + 150 channels) and the patches gathered by tasks of 2 input channels,
+        // the last with 1.
+        (
+            conv([17, 301], 3, 2, [1, 1, 1, 1]),
+            6,
+            9,
+            9,
+            "3x3 stride 2, batch 6, channel blocks",
+        ),
+        (
+            conv([40, 260], 1, 1, [0, 0, 0, 0]),
+            8,
+            7,
+            7,
+            "1x1, batch 8, 7x7, channel blocks",
+        ),
         (
             conv([16, 32], 3, 1, [0, 2, 1, 0]),
             1,
