@@ -279,8 +279,12 @@ pub(crate) fn conv2d(
         && geo.groups == 1
         && geo.patch_len() * geo.batch * pixels <= WHOLE_BATCH_COLUMN_FLOATS
     {
-        let mut out = vec![0.0f32; len];
-        conv2d_whole_batch(geo, x, weight, bias, residual, relu, &mut out);
+        // Not zeroed: the units write every (image, channel) row.
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        // SAFETY: `out` has room for the output, which only this call touches.
+        unsafe { conv2d_whole_batch(geo, x, weight, bias, residual, relu, out.as_mut_ptr()) };
+        // SAFETY: conv2d_whole_batch has written all `len` elements.
+        unsafe { out.set_len(len) };
         return out;
     }
     if images_per_unit > 1 && len > 0 {
@@ -1201,14 +1205,18 @@ pub(crate) fn conv2d_backward_weight(geo: &Conv2dGeometry, x: &[f32], grad: &[f3
 /// ([`conv2d_image_runs`]), the weights are read once rather than once per run, and the GEMMs
 /// run along more pixels: ResNet-50's 7x7 stage at batch 8 had runs of 98, 64 + 34 in vector
 /// blocks of 64 and 48 pixels.
-fn conv2d_whole_batch(
+///
+/// # Safety
+/// `out` must be valid for writes of `geo.output_len()` floats (possibly uninitialized: each is
+/// written once), which nothing else reads or writes during the call.
+unsafe fn conv2d_whole_batch(
     geo: &Conv2dGeometry,
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     relu: bool,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
     debug_assert_eq!(geo.groups, 1);
     let pixels = geo.out_h * geo.out_w;
@@ -1218,7 +1226,7 @@ fn conv2d_whole_batch(
     let taps = geo.kernel[0] * geo.kernel[1];
     let blocks = (m / MIN_WHOLE_BATCH_CHANNELS).clamp(1, 2 * BALANCED_UNITS);
     let block = m.div_ceil(blocks);
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = SharedOut(out);
     // Taken out of the thread-local rather than borrowed in place: while this thread waits
     // for the parallel loops below, rayon may run another task on it that convolves too.
     let mut buffer = BATCH_COLUMNS.take();
@@ -1268,12 +1276,15 @@ fn conv2d_whole_batch(
                 for (row, channel) in channels.enumerate() {
                     for image in 0..geo.batch {
                         let start = (image * m + channel) * pixels;
-                        // SAFETY: this channel's row of this image lies inside `out`, and
-                        // only this unit (the one holding the channel) writes it.
+                        let src = &product[row * n + image * pixels..][..pixels];
+                        // SAFETY: this channel's row of this image lies inside `out`, only
+                        // this unit (the one holding the channel) writes it, and the copy
+                        // initializes it before the slice is made.
                         let dst = unsafe {
-                            std::slice::from_raw_parts_mut(shared.ptr().add(start), pixels)
+                            let dst = shared.ptr().add(start);
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, pixels);
+                            std::slice::from_raw_parts_mut(dst, pixels)
                         };
-                        dst.copy_from_slice(&product[row * n + image * pixels..][..pixels]);
                         epilogue(
                             dst,
                             bias.map_or(0.0, |b| b[channel]),
