@@ -255,7 +255,7 @@ static WINOGRAD_SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 #[test]
 fn winograd_matches_burn_and_does_not_depend_on_threads() {
     let _switch = WINOGRAD_SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-    // 3x3 stride-1 convolutions with >= 64 channels and >= 14x14 outputs take the Winograd
+    // 3x3 stride-1 convolutions with >= 64 channels and >= 7x7 outputs take the Winograd
     // path (at batch 1 the smaller ones stay direct): F(4x4, 3x3) for ResNet-50's layer2 at
     // batch 8 and the 30x26 case, F(2x2, 3x3) for the others; partial tiles, valid and
     // asymmetric padding included.
@@ -289,6 +289,13 @@ fn winograd_matches_burn_and_does_not_depend_on_threads() {
             14,
             14,
             "ResNet-50 layer3, batch 8",
+        ),
+        (
+            conv([512, 512], [1; 4]),
+            8,
+            7,
+            7,
+            "ResNet-50 layer4, batch 8",
         ),
         (
             conv([128, 160], [1; 4]),
@@ -339,15 +346,16 @@ fn winograd_matches_burn_and_does_not_depend_on_threads() {
 #[test]
 fn winograd_resnet50_matches_the_direct_path() {
     let _switch = WINOGRAD_SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-    // End to end, BatchNorms folded as `resnet bench` and `classify` run it: at batch 4 and
-    // 224x224 ResNet-50's 128- and 256-channel 3x3 convolutions take the Winograd path.
+    // End to end, BatchNorms folded as `resnet bench` and `classify` run it: at batch 8 and
+    // 224x224 every stride-1 3x3 convolution of ResNet-50 takes the Winograd path, F(4x4, 3x3)
+    // at 56x56 and 28x28, F(2x2, 3x3) at 14x14 and 7x7.
     let device = Device::flex();
     device.seed(5);
     let model = ResNetConfig::resnet50()
         .init(&device)
         .valid()
         .fold_batchnorm();
-    let x = Tensor::<4>::random([4, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
+    let x = Tensor::<4>::random([8, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
     let logits = |winograd: bool| {
         set_winograd(winograd);
         let out: Vec<f32> = model
