@@ -334,8 +334,10 @@ fn transform_weights<V: Variant<N, A>, const N: usize, const A: usize>(
 /// never change.
 pub(crate) type WeightOwner = Arc<burn::tensor::Bytes>;
 
-/// At most this many bytes of transformed weights stay cached (least recently used go first):
-/// ResNet-50's take 30 MiB, ResNet-152's about 170.
+/// At most this many bytes of transformed weights stay cached (least recently used go first).
+/// At batch 8 ResNet-50's take 60 MiB (32 of them the 7x7 stage's F(2x2, 3x3)), ResNet-152's
+/// 190, Wide ResNet-50-2's 242; Wide ResNet-101-2's 14x14 stage alone needs 352 (22 x 16), so
+/// there some transforms are redone at every call.
 const CACHE_BYTES: usize = 256 << 20;
 
 /// One weight buffer's transforms: per variant (F2, F4) and `[out, in]` channel counts (one
