@@ -268,26 +268,22 @@ pub(crate) fn conv2d(
     }
     let len = geo.output_len();
     let pixels = geo.out_h * geo.out_w;
-    // Runs of images, but at least BALANCED_UNITS of them where the batch allows: ResNet-50's
-    // 7x7 stage at batch 8 as runs of 5 + 3 images kept one of two threads idle a quarter of
-    // the time.
+    // Small images go side by side: the whole batch where its patches fit, else runs of
+    // images, at least BALANCED_UNITS of them where the batch allows (ResNet-50's 7x7 stage at
+    // batch 8 as runs of 5 + 3 images kept one of two threads idle a quarter of the time).
     let images_per_unit = MIN_BATCHED_COLUMNS
         .checked_div(pixels)
         .map_or(1, |images| images.min(geo.batch.div_ceil(BALANCED_UNITS)));
-    if images_per_unit > 1
-        && len > 0
-        && geo.groups == 1
-        && geo.patch_len() * geo.batch * pixels <= WHOLE_BATCH_COLUMN_FLOATS
-    {
-        // Not zeroed: the units write every (image, channel) row.
-        let mut out: Vec<f32> = Vec::with_capacity(len);
-        // SAFETY: `out` has room for the output, which only this call touches.
-        unsafe { conv2d_whole_batch(geo, x, weight, bias, residual, relu, out.as_mut_ptr()) };
-        // SAFETY: conv2d_whole_batch has written all `len` elements.
-        unsafe { out.set_len(len) };
-        return out;
-    }
     if images_per_unit > 1 && len > 0 {
+        if geo.groups == 1 && geo.patch_len() * geo.batch * pixels <= WHOLE_BATCH_COLUMN_FLOATS {
+            // Not zeroed: the units write every (image, channel) row.
+            let mut out: Vec<f32> = Vec::with_capacity(len);
+            // SAFETY: `out` has room for the output, which only this call touches.
+            unsafe { conv2d_whole_batch(geo, x, weight, bias, residual, relu, out.as_mut_ptr()) };
+            // SAFETY: conv2d_whole_batch has written all `len` elements.
+            unsafe { out.set_len(len) };
+            return out;
+        }
         let mut out = vec![0.0f32; len];
         conv2d_image_runs(
             geo,
