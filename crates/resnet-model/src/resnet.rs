@@ -344,6 +344,11 @@ impl ResNet {
     /// - `output`: `[batch, 512 * expansion, height / 32, width / 32]` (less downsampling with
     ///   the CIFAR stem or dilation)
     pub fn forward_feature_map(&self, input: Tensor<4>) -> Tensor<4> {
+        ops::in_kernel_pool(input, |input| self.feature_map(input))
+    }
+
+    /// [`Self::forward_feature_map`]'s layers.
+    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
         let mut x = conv_bn_act(
             &self.conv1,
             &self.bn1,

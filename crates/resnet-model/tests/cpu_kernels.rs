@@ -802,3 +802,44 @@ fn training_convolution_under_gradient_checkpointing() {
         "conv2d_fused fell back to Burn's convolution"
     );
 }
+
+/// `in_kernel_pool` runs a flex inference pass on a thread of rayon's pool (its convolutions
+/// then share their work from inside it), a training pass (autodiff) on the caller's thread,
+/// and a pass started inside a pool where it is; `forward_feature_map` gives the same map from
+/// outside the pool as from inside.
+#[test]
+fn inference_passes_run_inside_the_kernel_pool() {
+    use resnet_model::ops::in_kernel_pool;
+    let device = Device::flex();
+    let x = Tensor::<4>::random([1, 3, 32, 32], Distribution::Default, &device);
+    let outside = std::thread::current().id();
+    let (index, thread) = in_kernel_pool(x.clone(), |_| {
+        (rayon::current_thread_index(), std::thread::current().id())
+    });
+    assert!(index.is_some(), "a flex pass runs on a pool thread");
+    assert_ne!(thread, outside);
+    let trained = Tensor::<4>::random(
+        [1, 3, 32, 32],
+        Distribution::Default,
+        &device.clone().autodiff(),
+    );
+    let index = in_kernel_pool(trained, |_| rayon::current_thread_index());
+    assert_eq!(index, None, "an autodiff pass stays on the caller's thread");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a thread pool");
+    let (before, after) = pool.install(|| {
+        let before = rayon::current_thread_index();
+        (
+            before,
+            in_kernel_pool(x.clone(), |_| rayon::current_thread_index()),
+        )
+    });
+    assert_eq!(before, after, "inside a pool the pass stays on its thread");
+
+    let model = ResNetConfig::resnet18().init(&device);
+    let outside = values(model.forward_feature_map(x.clone()));
+    let inside = values(pool.install(|| model.forward_feature_map(x.clone())));
+    assert_eq!(outside, inside);
+}
