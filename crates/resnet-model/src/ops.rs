@@ -81,7 +81,7 @@ pub fn weight_cache_usage() -> (usize, usize) {
 /// CPU kernels' work units run on) when `input` lives on flex without autodiff: each
 /// convolution then shares its work units out from inside the pool, instead of handing them
 /// over from a thread outside it and sleeping until the last one is done (a wake-up per
-/// convolution: 2-3% of ResNet-18's and ResNet-50's batch-1 latency). Elsewhere, and on a
+/// convolution: about 2% of ResNet-18's and ResNet-50's batch-1 latency). Elsewhere, and on a
 /// thread of a rayon pool already, `f(input)` as it is.
 pub fn in_kernel_pool<T: Send>(input: Tensor<4>, f: impl FnOnce(Tensor<4>) -> T + Send) -> T {
     #[cfg(feature = "flex")]
