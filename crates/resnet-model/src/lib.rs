@@ -33,6 +33,9 @@ mod cpu_batchnorm;
 #[allow(unsafe_code)] // raw output pointer shared by work units, and the gemm call
 mod cpu_conv;
 #[cfg(feature = "flex")]
+#[allow(unsafe_code)] // AVX-512 intrinsics on raw matrix pointers
+mod cpu_gemm512;
+#[cfg(feature = "flex")]
 #[allow(unsafe_code)] // output rows shared by work units, and the gemm call
 mod cpu_winograd;
 mod error;
