@@ -6,8 +6,9 @@
 //! With `n x n` output tiles and `a = n + 2`, the output block of input tile `d` is
 //! `At [(G g Gt) * (Bt d B)] A` summed over input channels (`Bt` is a x a, `G` a x 3, `At`
 //! n x a; the `Variant` impls spell them out): the elementwise product becomes `a * a` GEMMs
-//! `M[xi] = U[xi] (out x in) * V[xi] (in x tiles)`. F(2x2, 3x3)'s coefficients are 0, +-1 and
-//! +-1/2, so it rounds like the direct convolution; F(4x4, 3x3)'s reach 8 (and 1/24), which
+//! `M[xi] = U[xi] (out x in) * V[xi] (in x tiles)` (on AVX-512 CPUs through
+//! [`crate::cpu_gemm512`], elsewhere the `gemm` crate). F(2x2, 3x3)'s coefficients are 0,
+//! +-1 and +-1/2, so it rounds like the direct convolution; F(4x4, 3x3)'s reach 8 (and 1/24), which
 //! costs about half a decimal digit (3e-6 to 7e-6 of the largest output against 1e-6; the
 //! tests bound both). [`Plan`] picks F(4x4, 3x3) where it pays (ResNet-50's 56x56 and 28x28
 //! stages at batch 8: 18% and 25% faster than F(2x2, 3x3)) and F(2x2, 3x3) elsewhere.
