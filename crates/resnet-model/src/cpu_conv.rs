@@ -925,9 +925,9 @@ fn for_each_segment(
 /// A matrix operand: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat {
-    ptr: *const f32,
-    rs: usize,
-    cs: usize,
+    pub(crate) ptr: *const f32,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
 }
 
 impl Mat {

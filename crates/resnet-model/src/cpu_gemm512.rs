@@ -12,6 +12,7 @@
 //! loop: keep those loops plain (a branch more in the store loop, or the array passed by
 //! `&mut`, spilled all 24 accumulators to the stack at every step, 2.3-2.8x slower).
 
+use crate::cpu_conv::Mat;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -35,34 +36,33 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// `dst (m x n, row stride dst_rs) = lhs (m x k) * rhs (k x n)`, single-threaded: `lhs` element
-/// `(i, d)` at `lhs.0 + i * lhs.1 + d * lhs.2`, `rhs` row `d` at `rhs + d * rhs_rs` (rows
-/// contiguous).
+/// `dst (m x n, row stride dst_rs) = lhs (m x k) * rhs (k x n)`, single-threaded: as
+/// [`gemm_mat`](crate::cpu_conv::gemm_mat) without accumulation, `lhs` with any strides, `rhs`
+/// with contiguous rows (`cs == 1`).
 ///
 /// # Safety
-/// [`available`] must have returned true. `lhs` must be valid for reads of the elements its
-/// strides address for these sizes, `rhs` for reads of `k` rows of `n` floats `rhs_rs` apart,
-/// `dst` for writes of `m` rows of `n` floats `dst_rs` apart, aliasing neither (it may be
-/// uninitialized: each element is written before it is read).
-#[allow(clippy::too_many_arguments)]
+/// [`available`] must have returned true. `lhs` and `rhs` must be valid for reads of the
+/// elements their strides address for these sizes, `dst` for writes of `m` rows of `n` floats
+/// `dst_rs` apart, aliasing neither (it may be uninitialized: each element is written before it
+/// is read).
 pub(crate) unsafe fn product(
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: (*const f32, usize, usize),
-    rhs: *const f32,
-    rhs_rs: usize,
     m: usize,
     n: usize,
     k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: Mat,
+    rhs: Mat,
 ) {
+    debug_assert_eq!(rhs.cs, 1, "rhs rows must be contiguous");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
-        avx512::product(dst, dst_rs, lhs, rhs, rhs_rs, m, n, k)
+        avx512::product(m, n, k, dst, dst_rs, lhs, rhs)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dst, dst_rs, lhs, rhs, rhs_rs, m, n, k);
+        let _ = (m, n, k, dst, dst_rs, lhs, rhs);
         unreachable!("cpu_gemm512::product called where it is not available");
     }
 }
@@ -87,19 +87,18 @@ mod avx512 {
         first: bool,
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn product(
-        dst: *mut f32,
-        dst_rs: usize,
-        lhs: (*const f32, usize, usize),
-        rhs: *const f32,
-        rhs_rs: usize,
         m: usize,
         n: usize,
         k: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        lhs: Mat,
+        rhs: Mat,
     ) {
-        let (lhs, lhs_rs, lhs_cs) = lhs;
+        let (lhs, lhs_rs, lhs_cs) = (lhs.ptr, lhs.rs, lhs.cs);
+        let (rhs, rhs_rs) = (rhs.ptr, rhs.rs);
         let panel = VECTORS * 16;
         let mut k0 = 0;
         loop {
@@ -215,15 +214,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                (h % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::cpu_winograd::tests::values;
 
     /// Every row and column tail, one and several depth blocks, `lhs` row-major and
     /// transposed, a destination row stride wider than its rows: against an f64 product.
@@ -244,7 +235,11 @@ mod tests {
             for transposed in [false, true] {
                 let data = values(m * k, 1);
                 // Element (i, d) of lhs: row-major, or stored as its transpose (k x m).
-                let (lhs_rs, lhs_cs) = if transposed { (1, m) } else { (k, 1) };
+                let (lhs, lhs_rs, lhs_cs) = if transposed {
+                    (Mat::row_major(&data, m).transposed(), 1, m)
+                } else {
+                    (Mat::row_major(&data, k), k, 1)
+                };
                 let rhs_rs = n + 3;
                 let rhs = values(k * rhs_rs, 2);
                 let dst_rs = n + 5;
@@ -252,14 +247,13 @@ mod tests {
                 // SAFETY: the sizes as documented; `available()` checked.
                 unsafe {
                     product(
-                        dst.as_mut_ptr(),
-                        dst_rs,
-                        (data.as_ptr(), lhs_rs, lhs_cs),
-                        rhs.as_ptr(),
-                        rhs_rs,
                         m,
                         n,
                         k,
+                        dst.as_mut_ptr(),
+                        dst_rs,
+                        lhs,
+                        Mat::row_major(&rhs, rhs_rs),
                     )
                 };
                 for i in 0..m {

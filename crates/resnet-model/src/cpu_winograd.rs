@@ -672,25 +672,14 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
     // packs both for each of these small products: Winograd's layers took 5-15% longer).
     for xi in 0..A * A {
         let dst = prod[xi * m * tiles..].as_mut_ptr();
-        let (v, u) = (&v[xi * matrix..][..c * tiles], &u[xi * c * m..][..c * m]);
-        // SAFETY (both arms): `v` is V[xi] (c x tiles, read as its transpose, tiles x c), `u`
-        // is U[xi] (c rows of m), and the destination's tiles rows of m floats lie in `prod`.
+        let lhs = Mat::row_major(&v[xi * matrix..][..c * tiles], tiles).transposed();
+        let rhs = Mat::row_major(&u[xi * c * m..][..c * m], m);
+        // SAFETY (both arms): lhs is tiles x c (V[xi], c x tiles floats), rhs c x m (U[xi]),
+        // and the destination tiles rows of m floats inside `prod`.
         if plan.avx512 {
-            unsafe {
-                crate::cpu_gemm512::product(
-                    dst,
-                    m,
-                    (v.as_ptr(), 1, tiles),
-                    u.as_ptr(),
-                    m,
-                    tiles,
-                    m,
-                    c,
-                )
-            };
+            unsafe { crate::cpu_gemm512::product(tiles, m, c, dst, m, lhs, rhs) };
         } else {
-            let lhs = Mat::row_major(v, tiles).transposed();
-            unsafe { gemm_mat(tiles, m, c, dst, m, false, lhs, Mat::row_major(u, m)) };
+            unsafe { gemm_mat(tiles, m, c, dst, m, false, lhs, rhs) };
         }
     }
 
@@ -758,7 +747,7 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use burn::tensor::ops::ConvOptions;
 
@@ -772,7 +761,7 @@ mod tests {
     }
 
     /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len as u32)
             .map(|i| {
                 let h = (i ^ seed).wrapping_mul(2_654_435_761).rotate_left(13);
