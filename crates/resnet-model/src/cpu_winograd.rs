@@ -13,6 +13,11 @@
 //! tests bound both). [`Plan`] picks F(4x4, 3x3) where it pays (ResNet-50's 56x56 and 28x28
 //! stages at batch 8: 18% and 25% faster than F(2x2, 3x3)) and F(2x2, 3x3) elsewhere.
 //!
+//! The transforms are written once, generic over [`Lane`]: portable loops on `f32`, and on
+//! AVX-512 CPUs 16-lane vectors ([`avx512`]), which also pick the windows' columns out of the
+//! input rows and transpose the outputs into NCHW rows in registers (both scalar loops
+//! otherwise); same operations, same results.
+//!
 //! Work units are runs of tile rows across the batch, sized so that the transformed inputs and
 //! products of a unit stay in cache; the plan depends on the shape only, never on the thread
 //! count, so results do not either. Where any output comes out NaN or infinite, the caller
@@ -20,9 +25,13 @@
 //! inputs, so a NaN or an infinity would reach outputs outside its 3x3 window, or turn an
 //! infinity into a NaN (Inf - Inf).
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 use super::cpu_conv::{BALANCED_UNITS, Conv2dGeometry, Mat, SharedOut, gemm_mat, relu_nan};
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
+use std::ops::{Add, Mul, Sub};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -52,15 +61,21 @@ const MIN_F4_TILES: usize = 256;
 /// 16 MiB per such convolution in the weight cache.
 const MIN_OUTPUT_SIDE: usize = 7;
 
+/// What the input and output transforms compute on: one `f32`, or (in [`avx512`]) 16 of them
+/// in a vector. Both run the same operations in the same order, so they round alike.
+trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<f32, Output = Self> {}
+
+impl Lane for f32 {}
+
 /// One Winograd variant F(N x N, 3x3), with input tiles of side `A = N + 2`. The transforms
 /// act on one column of a tile.
 trait Variant<const N: usize, const A: usize> {
     /// `Bt d` for one column `d` of an input tile.
-    fn input(d: [f32; A]) -> [f32; A];
+    fn input<T: Lane>(d: [T; A]) -> [T; A];
     /// `G g` for one column `g` of a 3x3 filter.
     fn weight(g: [f32; 3]) -> [f32; A];
     /// `At m` for one column `m` of a product tile.
-    fn output(m: [f32; A]) -> [f32; N];
+    fn output<T: Lane>(m: [T; A]) -> [T; N];
 }
 
 /// F(2x2, 3x3): `Bt = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`,
@@ -69,7 +84,7 @@ struct F2;
 
 impl Variant<2, 4> for F2 {
     #[inline(always)]
-    fn input([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+    fn input<T: Lane>([d0, d1, d2, d3]: [T; 4]) -> [T; 4] {
         [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
     }
 
@@ -79,7 +94,7 @@ impl Variant<2, 4> for F2 {
     }
 
     #[inline(always)]
-    fn output([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+    fn output<T: Lane>([m0, m1, m2, m3]: [T; 4]) -> [T; 2] {
         [m0 + m1 + m2, m1 - m2 - m3]
     }
 }
@@ -93,14 +108,14 @@ struct F4;
 
 impl Variant<4, 6> for F4 {
     #[inline(always)]
-    fn input([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+    fn input<T: Lane>([d0, d1, d2, d3, d4, d5]: [T; 6]) -> [T; 6] {
         [
-            4.0 * d0 - 5.0 * d2 + d4,
-            d4 + d3 - 4.0 * (d1 + d2),
-            d4 - d3 + 4.0 * (d1 - d2),
-            d4 - d2 + 2.0 * (d3 - d1),
-            d4 - d2 - 2.0 * (d3 - d1),
-            4.0 * d1 - 5.0 * d3 + d5,
+            d0 * 4.0 - d2 * 5.0 + d4,
+            d4 + d3 - (d1 + d2) * 4.0,
+            d4 - d3 + (d1 - d2) * 4.0,
+            d4 - d2 + (d3 - d1) * 2.0,
+            d4 - d2 - (d3 - d1) * 2.0,
+            d1 * 4.0 - d3 * 5.0 + d5,
         ]
     }
 
@@ -117,12 +132,12 @@ impl Variant<4, 6> for F4 {
     }
 
     #[inline(always)]
-    fn output([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+    fn output<T: Lane>([m0, m1, m2, m3, m4, m5]: [T; 6]) -> [T; 4] {
         [
             m0 + m1 + m2 + m3 + m4,
-            m1 - m2 + 2.0 * (m3 - m4),
-            m1 + m2 + 4.0 * (m3 + m4),
-            m1 - m2 + 8.0 * (m3 - m4) + m5,
+            m1 - m2 + (m3 - m4) * 2.0,
+            m1 + m2 + (m3 + m4) * 4.0,
+            m1 - m2 + (m3 - m4) * 8.0 + m5,
         ]
     }
 }
@@ -204,6 +219,8 @@ pub(crate) struct Plan {
     /// Whether the products run on [`crate::cpu_gemm512`] (the CPU has AVX-512) rather than
     /// the `gemm` crate.
     avx512: bool,
+    /// Whether the transforms run on AVX-512 ([`avx512`]; same results as the portable loops).
+    avx512_transforms: bool,
 }
 
 impl Plan {
@@ -259,6 +276,7 @@ impl Plan {
             rows_per_unit,
             units,
             avx512: crate::cpu_gemm512::available(),
+            avx512_transforms: crate::cpu_gemm512::available(),
         })
     }
 }
@@ -556,6 +574,27 @@ fn conv2d_with<V: Variant<N, A>, const N: usize, const A: usize>(
     finite.into_inner().then_some(out)
 }
 
+/// `apply(src, dst, len, f)`, on AVX-512 where `simd` says so (set only where the plan's
+/// `avx512_transforms` is; `f` generic over [`Lane`]).
+#[cfg(target_arch = "x86_64")]
+macro_rules! transform {
+    ($simd:expr, $src:expr, $dst:expr, $len:expr, $f:expr) => {
+        if $simd {
+            // SAFETY: the plan's `avx512_transforms` says the CPU has AVX-512F.
+            unsafe { avx512::apply($src, $dst, $len, $f) }
+        } else {
+            apply($src, $dst, $len, $f)
+        }
+    };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+macro_rules! transform {
+    ($simd:expr, $src:expr, $dst:expr, $len:expr, $f:expr) => {
+        apply($src, $dst, $len, $f)
+    };
+}
+
 /// One unit: tile rows `rows` (batch-wide: `image * tiles_h + tile_row`). Returns whether
 /// every output before the ReLU was finite.
 ///
@@ -594,16 +633,21 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
     // are never read, and in V they land in the next tile row's slots (written after), the
     // next channel's (written after) or the `spill` at the end of each matrix.
     let lanes = tw.next_multiple_of(LANES);
+    // F(2x2, 3x3)'s input transform stays portable: on AVX-512 it measured no faster (its
+    // tile rows of 4 and 7 tiles). The AVX-512 one writes the horizontally transformed rows as
+    // whole vectors (`h_lanes` long).
+    let simd_in = plan.avx512_transforms && N == 4;
+    let h_lanes = tw.next_multiple_of(if simd_in { 16 } else { LANES });
     let spill = lanes - tw;
     let matrix = c * tiles + spill;
     v.resize(A * A * matrix, 0.0);
     prod.resize(A * A * m * tiles, 0.0);
-    // One zero-padded input row (N * (tw + 1) elements), its N phases (elements N * j + r for
-    // r < N, `lanes + 1` each: window element k of tile j is phases[k % N][j + k / N]), and A
-    // slots of A horizontally transformed rows (`lanes` each).
+    // One zero-padded input row (N * (tw + 1) elements) and its N phases (elements N * j + r
+    // for r < N, `lanes + 1` each: window element k of tile j is phases[k % N][j + k / N]),
+    // for the portable path, and A slots of A horizontally transformed rows (`h_lanes` each).
     let padded = N * (tw + 1);
     let phase_len = lanes + 1;
-    buf.resize(padded + N * phase_len + A * A * lanes, 0.0);
+    buf.resize(padded + N * phase_len + A * A * h_lanes, 0.0);
     let (row_buf, rest) = buf.split_at_mut(padded);
     let (phases, h) = rest.split_at_mut(N * phase_len);
 
@@ -625,9 +669,18 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
             previous = Some((image, ty));
             for (r, &slot) in slots.iter().enumerate().skip(first_new) {
                 let iy = (N * ty + r) as isize - geo.pad_begin[0] as isize;
+                let src = (0..geo.in_h as isize)
+                    .contains(&iy)
+                    .then(|| &plane[iy as usize * geo.in_w..][..geo.in_w]);
+                let dst = strided_mut(h, slot * A * h_lanes, h_lanes, h_lanes);
+                #[cfg(target_arch = "x86_64")]
+                if simd_in {
+                    // SAFETY: the plan's `avx512_transforms` says the CPU has AVX-512F.
+                    unsafe { avx512::input_row::<V, N, A>(src, geo.pad_begin[1], dst, h_lanes) };
+                    continue;
+                }
                 row_buf.fill(0.0);
-                if (0..geo.in_h as isize).contains(&iy) {
-                    let src = &plane[iy as usize * geo.in_w..][..geo.in_w];
+                if let Some(src) = src {
                     // Input column ix sits at ix + pad in the padded row.
                     let pad = geo.pad_begin[1];
                     let len = geo.in_w.min(padded - pad);
@@ -646,20 +699,15 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
                 }
                 let src: [&[f32]; A] =
                     std::array::from_fn(|k| &phases[(k % N) * phase_len + k / N..][..lanes]);
-                apply(
-                    src,
-                    strided_mut(h, slot * A * lanes, lanes, lanes),
-                    lanes,
-                    V::input,
-                );
+                apply(src, dst, lanes, V::input);
             }
             // Bt along the columns: V[r * A + b] (A matrices apart) from h[.][b].
             let col = i * tw;
             for b in 0..A {
                 let src: [&[f32]; A] =
-                    std::array::from_fn(|r| &h[(slots[r] * A + b) * lanes..][..lanes]);
+                    std::array::from_fn(|r| &h[(slots[r] * A + b) * h_lanes..][..h_lanes]);
                 let dst = strided_mut(v, b * matrix + channel * tiles + col, A * matrix, lanes);
-                apply(src, dst, lanes, V::input);
+                transform!(simd_in, src, dst, lanes, V::input);
             }
         }
     }
@@ -685,29 +733,58 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
 
     // Y = At M A per tile, along the output channels (M[xi]'s rows for a tile are contiguous
     // in them): At along the rows into T[r][q][oc], along the columns into Y[p][q][oc]; then
-    // Y into `y` (m x N rows x N * tw columns per tile row), and bias, residual and ReLU on
+    // Y into `y` (m x N rows x `width` columns per tile row), and bias, residual and ReLU on
     // the way out, as the direct path's epilogue: relu(y + bias + residual).
-    let width = N * tw;
+    // On AVX-512, `group` tiles' outputs (16 values per channel) go into the output rows at
+    // once: the rows get room for whole groups.
+    let group = if plan.avx512_transforms {
+        16 / (N * N)
+    } else {
+        1
+    };
+    let width = N * tw.next_multiple_of(group);
     y.resize(m * N * width, 0.0);
-    tile_buf.resize((A * N + N * N) * m, 0.0);
-    let (t_rows, y_tile) = tile_buf.split_at_mut(A * N * m);
+    tile_buf.resize((A * N + group * N * N) * m, 0.0);
+    let (t_rows, y_tiles) = tile_buf.split_at_mut(A * N * m);
     let mut finite = true;
     for (i, row) in rows.clone().enumerate() {
         let (image, ty) = (row / plan.tiles_h, row % plan.tiles_h);
-        for j in 0..tw {
-            let t = i * tw + j;
-            for r in 0..A {
-                let src = strided::<A>(prod, ((r * A) * tiles + t) * m, tiles * m, m);
-                apply(src, strided_mut(t_rows, r * N * m, m, m), m, V::output);
+        for j in (0..tw).step_by(group) {
+            // Past the row's last tile, a group repeats it (into columns no output uses).
+            for (g, y_tile) in y_tiles.chunks_exact_mut(N * N * m).enumerate() {
+                let t = i * tw + (j + g).min(tw - 1);
+                for r in 0..A {
+                    let src = strided::<A>(prod, ((r * A) * tiles + t) * m, tiles * m, m);
+                    transform!(
+                        plan.avx512_transforms,
+                        src,
+                        strided_mut(t_rows, r * N * m, m, m),
+                        m,
+                        V::output
+                    );
+                }
+                for q in 0..N {
+                    let src = strided::<A>(t_rows, q * m, N * m, m);
+                    transform!(
+                        plan.avx512_transforms,
+                        src,
+                        strided_mut(y_tile, q * m, N * m, m),
+                        m,
+                        V::output
+                    );
+                }
             }
-            for q in 0..N {
-                let src = strided::<A>(t_rows, q * m, N * m, m);
-                apply(src, strided_mut(y_tile, q * m, N * m, m), m, V::output);
+            #[cfg(target_arch = "x86_64")]
+            if plan.avx512_transforms {
+                // SAFETY: AVX-512F per the plan; y_tiles holds 16 rows of m; the group's
+                // columns N * j..N * (j + group) lie within `width`, its rows within `y`.
+                unsafe { avx512::scatter_tiles::<N>(y_tiles, m, y.as_mut_ptr(), width, j) };
+                continue;
             }
             for (oc, out_rows) in y.chunks_exact_mut(N * width).enumerate() {
                 for p in 0..N {
                     for q in 0..N {
-                        out_rows[p * width + N * j + q] = y_tile[(p * N + q) * m + oc];
+                        out_rows[p * width + N * j + q] = y_tiles[(p * N + q) * m + oc];
                     }
                 }
             }
@@ -864,7 +941,7 @@ pub(crate) mod tests {
         let expected = naive(&geo, &x, &w, &bias, &res);
         let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         // F2's coefficients are 0, +-1 and +-1/2: direct convolution's rounding. F4's reach 8.
-        // The products on the gemm crate, and on AVX-512 where the CPU has it.
+        // The products and transforms portable, and on AVX-512 where the CPU has it.
         let kernels: &[bool] = if crate::cpu_gemm512::available() {
             &[false, true]
         } else {
@@ -874,6 +951,7 @@ pub(crate) mod tests {
             for &avx512 in kernels {
                 let plan = Plan {
                     avx512,
+                    avx512_transforms: avx512,
                     ..Plan::with_tile(&geo, tile).expect("enough tiles per unit")
                 };
                 let got = conv2d(&geo, &plan, &x, &w, None, Some(&bias), Some(&res), true)
@@ -889,6 +967,49 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn avx512_transforms_match_the_portable_ones_bit_for_bit() {
+        if !crate::cpu_gemm512::available() {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        // Tile rows of 4 to 17 tiles (one vector, a partial one, two), channel counts that
+        // are not multiples of 16, edge tiles cut by the output, padding on one side only.
+        let cases = [
+            ([2, 16, 30, 30], 24, [(2, 1), (0, 1)]),
+            ([3, 20, 14, 14], 40, [(1, 1), (1, 1)]),
+            ([1, 16, 68, 33], 17, [(1, 1), (1, 0)]),
+            ([16, 64, 7, 7], 64, [(1, 1), (1, 1)]),
+        ];
+        let mut compared = 0;
+        for (x_shape, out_channels, padding) in cases {
+            let geo = geometry(x_shape, out_channels, padding);
+            let x = values(geo.input_len(), 7);
+            let w = values(geo.weight_len(), 8);
+            let bias = values(geo.out_channels, 9);
+            let res = values(geo.output_len(), 10);
+            for tile in [Tile::F2, Tile::F4] {
+                let Some(plan) = Plan::with_tile(&geo, tile) else {
+                    continue;
+                };
+                let run = |avx512_transforms| {
+                    let plan = Plan {
+                        avx512_transforms,
+                        ..plan
+                    };
+                    conv2d(&geo, &plan, &x, &w, None, Some(&bias), Some(&res), true)
+                        .expect("finite outputs")
+                };
+                let (portable, avx512) = (run(false), run(true));
+                let first = portable.iter().zip(&avx512).position(|(a, b)| a != b);
+                assert_eq!(first, None, "{x_shape:?} -> {out_channels}, {tile:?}");
+                compared += 1;
+            }
+        }
+        // F4 has too few tiles per unit at 14x14 and 7x7.
+        assert_eq!(compared, 6);
     }
 
     #[test]
