@@ -15,8 +15,8 @@
 //!
 //! The transforms are written once, generic over [`Lane`]: portable loops on `f32`, and on
 //! AVX-512 CPUs 16-lane vectors ([`avx512`]), which also pick the windows' columns out of the
-//! input rows and transpose the outputs into NCHW rows in registers (both scalar loops
-//! otherwise); same operations, same results.
+//! input rows and transpose the outputs into NCHW rows in registers, storing them there with
+//! the epilogue (scalar loops and a row buffer otherwise); same operations, same results.
 //!
 //! Work units are runs of tile rows across the batch, sized so that the transformed inputs and
 //! products of a unit stay in cache; the plan depends on the shape only, never on the thread
@@ -735,15 +735,17 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
     // in them): At along the rows into T[r][q][oc], along the columns into Y[p][q][oc]; then
     // Y into `y` (m x N rows x `width` columns per tile row), and bias, residual and ReLU on
     // the way out, as the direct path's epilogue: relu(y + bias + residual).
-    // On AVX-512, `group` tiles' outputs (16 values per channel) go into the output rows at
-    // once: the rows get room for whole groups.
+    // On AVX-512, `group` tiles' outputs (16 values per channel) go straight to the output
+    // rows at once, the epilogue on the way (`y` unused).
     let group = if plan.avx512_transforms {
         16 / (N * N)
     } else {
         1
     };
-    let width = N * tw.next_multiple_of(group);
-    y.resize(m * N * width, 0.0);
+    let width = N * tw;
+    if !plan.avx512_transforms {
+        y.resize(m * N * width, 0.0);
+    }
     tile_buf.resize((A * N + group * N * N) * m, 0.0);
     let (t_rows, y_tiles) = tile_buf.split_at_mut(A * N * m);
     let mut finite = true;
@@ -776,9 +778,21 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
             }
             #[cfg(target_arch = "x86_64")]
             if plan.avx512_transforms {
-                // SAFETY: AVX-512F per the plan; y_tiles holds 16 rows of m; the group's
-                // columns N * j..N * (j + group) lie within `width`, its rows within `y`.
-                unsafe { avx512::scatter_tiles::<N>(y_tiles, m, y.as_mut_ptr(), width, j) };
+                // Straight into the output with the epilogue (no `y`).
+                let first = image * m * plane_out + N * ty * geo.out_w;
+                let to = avx512::OutRows {
+                    out: out.wrapping_add(first),
+                    residual: residual.map(|r| r[first..].as_ptr()),
+                    bias,
+                    relu,
+                    plane: plane_out,
+                    width: geo.out_w,
+                    rows: (geo.out_h - N * ty).min(N),
+                };
+                // SAFETY: AVX-512F per the plan; y_tiles holds 16 rows of m; the tile row's
+                // output rows (and the residual's) exist for every channel of this image, and
+                // belong to this unit; N * j < out_w as j < tw.
+                finite &= unsafe { avx512::store_tiles::<N>(y_tiles, m, &to, j) };
                 continue;
             }
             for (oc, out_rows) in y.chunks_exact_mut(N * width).enumerate() {
@@ -788,6 +802,9 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
                     }
                 }
             }
+        }
+        if plan.avx512_transforms {
+            continue;
         }
         for oc in 0..m {
             let bias = bias.map_or(0.0, |b| b[oc]);
@@ -994,17 +1011,29 @@ pub(crate) mod tests {
                 let Some(plan) = Plan::with_tile(&geo, tile) else {
                     continue;
                 };
-                let run = |avx512_transforms| {
-                    let plan = Plan {
-                        avx512_transforms,
-                        ..plan
+                // With bias, residual and ReLU, and with none of them.
+                for epilogue in [true, false] {
+                    let run = |avx512_transforms| {
+                        let plan = Plan {
+                            avx512_transforms,
+                            ..plan
+                        };
+                        let (bias, res) = (Some(&bias[..]), Some(&res[..]));
+                        let (bias, res) = if epilogue { (bias, res) } else { (None, None) };
+                        conv2d(&geo, &plan, &x, &w, None, bias, res, epilogue)
+                            .expect("finite outputs")
                     };
-                    conv2d(&geo, &plan, &x, &w, None, Some(&bias), Some(&res), true)
-                        .expect("finite outputs")
-                };
-                let (portable, avx512) = (run(false), run(true));
-                let first = portable.iter().zip(&avx512).position(|(a, b)| a != b);
-                assert_eq!(first, None, "{x_shape:?} -> {out_channels}, {tile:?}");
+                    let (portable, avx512) = (run(false), run(true));
+                    // Bit for bit: -0 and +0 apart too.
+                    let first = portable
+                        .iter()
+                        .zip(&avx512)
+                        .position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert_eq!(
+                        first, None,
+                        "{x_shape:?} -> {out_channels}, {tile:?}, epilogue {epilogue}"
+                    );
+                }
                 compared += 1;
             }
         }

@@ -3,7 +3,8 @@
 //! the portable loops (so the same results, bit for bit), 16 lanes at a time, with the two
 //! reshuffles that stay scalar there done in registers: picking every N-th element of an
 //! input row (the windows' columns) and turning a tile's outputs, channels along the lanes,
-//! into rows of the NCHW output.
+//! into rows of the NCHW output, which they reach with the bias, residual and ReLU added
+//! (the portable path goes through a row buffer and a copy).
 //!
 //! Every function here needs AVX-512F: callers check `available()` first (the plan's
 //! `avx512` flag).
@@ -220,55 +221,92 @@ fn transpose(r: [__m512; 16]) -> [__m512; 16] {
     out
 }
 
-/// Writes `G = 16 / (N * N)` tiles' outputs into output rows. `tiles` holds, for each tile
-/// `g < G`, its `N * N` outputs `(p, q)` as rows of `m` floats (output channels along the
-/// row): output `(p, q)` of tile `g` for channel `oc` goes to `y[(oc * N + p) * width + N *
-/// (j + g) + q]`.
+/// Where one tile row's outputs go, and what is added to them on the way.
+pub(super) struct OutRows<'a> {
+    /// Output `(oc, p, x)` of the tile row (channel, row within the tile row, column) at
+    /// `out + oc * plane + p * width + x`.
+    pub out: *mut f32,
+    /// The residual, laid out as `out`.
+    pub residual: Option<*const f32>,
+    pub bias: Option<&'a [f32]>,
+    pub relu: bool,
+    /// Floats per channel plane.
+    pub plane: usize,
+    /// Output columns (floats per row).
+    pub width: usize,
+    /// Output rows of this tile row: `N`, fewer at the bottom edge.
+    pub rows: usize,
+}
+
+/// `act(y + bias + residual)` into the output rows for `G = 16 / (N * N)` tiles from tile `j`
+/// of a tile row, as the portable epilogue computes it. `tiles` holds, for each tile `g < G`,
+/// its `N * N` outputs `(p, q)` as rows of `m` floats (output channels along the row); output
+/// `(p, q)` of tile `g` is column `N * (j + g) + q` of row `p`. Columns past the output's
+/// width are not written. Returns whether every value before the ReLU was finite.
 ///
 /// # Safety
-/// AVX-512F must be available; `tiles` must hold `16 * m` floats, and `y` must be writable
-/// at those positions for every `oc < m`, `p < N`, `g < G` and `q < N`.
+/// AVX-512F must be available; `tiles` must hold `16 * m` floats; `to` must describe
+/// writable output (and readable residual) rows for every channel `oc < m`, with `N * j`
+/// inside the width.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn scatter_tiles<const N: usize>(
+pub(super) unsafe fn store_tiles<const N: usize>(
     tiles: &[f32],
     m: usize,
-    y: *mut f32,
-    width: usize,
+    to: &OutRows,
     j: usize,
-) {
+) -> bool {
     assert!(tiles.len() >= 16 * m, "tile outputs too short");
-    // Lane p * S + g * N + q of a channel's vector holds output (p, q) of tile g: its row p
-    // then is lanes p * S..(p + 1) * S, where the output row has them side by side.
-    let groups = 16 / (N * N);
-    let run = groups * N;
+    assert!(N * j < to.width, "tile past the output");
+    // Lane p * run + g * N + q of a channel's vector holds output (p, q) of tile g: its row p
+    // then is lanes p * run..(p + 1) * run, side by side in the output row.
+    let run = 16 / N;
     let source: [usize; 16] = std::array::from_fn(|lane| {
         let (p, rest) = (lane / run, lane % run);
         let (g, q) = (rest / N, rest % N);
         (g * N * N + p * N + q) * m
     });
+    let columns = mask((to.width - N * j).min(run)) as u32;
+    let zero = _mm512_setzero_ps();
+    let mut finite = true;
     for oc in (0..m).step_by(16) {
         let count = (m - oc).min(16);
         let valid = mask(count);
-        let mut rows = [_mm512_setzero_ps(); 16];
+        let mut rows = [zero; 16];
         for (row, start) in rows.iter_mut().zip(source) {
             // SAFETY: row `start` of `tiles` has `m` floats from it; lanes masked to m.
             *row = unsafe { _mm512_maskz_loadu_ps(valid, tiles.as_ptr().add(start + oc)) };
         }
         let channels = transpose(rows);
         for (c, &values) in channels.iter().enumerate().take(count) {
-            for p in 0..N {
-                // Lanes p * run..(p + 1) * run go to row p from column N * j: the store's base
-                // sits p * run lanes before (wrapping: it may lie before `y`, but only the
-                // masked lanes, inside it, are written).
-                let at = y
-                    .wrapping_add(((oc + c) * N + p) * width + N * j)
-                    .wrapping_sub(p * run);
-                let lanes = (mask(run) as u32) << (p * run);
-                // SAFETY: the caller's contract covers the written lanes.
-                unsafe { _mm512_mask_storeu_ps(at, lanes as __mmask16, values) };
+            let bias = _mm512_set1_ps(to.bias.map_or(0.0, |b| b[oc + c]));
+            let sum = _mm512_add_ps(values, bias);
+            for p in 0..to.rows {
+                // Lanes p * run.. go to row p from column N * j: addresses are formed p * run
+                // lanes before (wrapping: they may lie before the buffer), but only the masked
+                // lanes, inside it, are touched.
+                let at = (oc + c) * to.plane + p * to.width + N * j;
+                let lanes = (columns << (p * run)) as __mmask16;
+                let mut v = sum;
+                if let Some(residual) = to.residual {
+                    let from = residual.wrapping_add(at).wrapping_sub(p * run);
+                    // SAFETY: the caller's contract covers the masked lanes.
+                    v = _mm512_add_ps(v, unsafe { _mm512_maskz_loadu_ps(lanes, from) });
+                }
+                // v - v is 0 where v is finite, NaN where it is infinite or NaN.
+                let ok = _mm512_mask_cmp_ps_mask::<_CMP_EQ_OQ>(lanes, _mm512_sub_ps(v, v), zero);
+                finite &= ok == lanes;
+                if to.relu {
+                    // max(0, v) keeps v where both are zero (-0 stays) or v is NaN, as
+                    // `relu_nan`.
+                    v = _mm512_max_ps(zero, v);
+                }
+                let dst = to.out.wrapping_add(at).wrapping_sub(p * run);
+                // SAFETY: the caller's contract covers the masked lanes.
+                unsafe { _mm512_mask_storeu_ps(dst, lanes, v) };
             }
         }
     }
+    finite
 }
 
 #[cfg(test)]
