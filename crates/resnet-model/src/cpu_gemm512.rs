@@ -21,6 +21,8 @@ use std::sync::OnceLock;
 const ROWS: usize = 6;
 /// Vectors of 16 columns per tile.
 const VECTORS: usize = 4;
+/// Columns per tile: `rhs` is read in panels of this many columns.
+pub(crate) const PANEL: usize = VECTORS * 16;
 /// Rows of `rhs` summed in registers before the tile is stored (and, for the next block,
 /// loaded back and added): rounding grows with this, not with the whole depth.
 const DEPTH_BLOCK: usize = 256;
@@ -38,13 +40,17 @@ pub(crate) fn available() -> bool {
 
 /// `dst (m x n, row stride dst_rs) = lhs (m x k) * rhs (k x n)`, single-threaded: as
 /// [`gemm_mat`](crate::cpu_conv::gemm_mat) without accumulation, `lhs` with any strides, `rhs`
-/// with contiguous rows (`cs == 1`).
+/// in panels of [`PANEL`] columns, `rhs_panel` floats apart, each with contiguous rows
+/// (`cs == 1`) `rhs.rs` apart: a row-major `rhs` has `rhs_panel == PANEL`; one stored panel
+/// by panel (each `k x PANEL`, rows `PANEL` apart) `rhs_panel == k * PANEL`, which keeps a
+/// panel's rows together (wide rows put each of them in another page).
 ///
 /// # Safety
 /// [`available`] must have returned true. `lhs` and `rhs` must be valid for reads of the
 /// elements their strides address for these sizes, `dst` for writes of `m` rows of `n` floats
 /// `dst_rs` apart, aliasing neither (it may be uninitialized: each element is written before it
 /// is read).
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn product(
     m: usize,
     n: usize,
@@ -53,16 +59,17 @@ pub(crate) unsafe fn product(
     dst_rs: usize,
     lhs: Mat,
     rhs: Mat,
+    rhs_panel: usize,
 ) {
     debug_assert_eq!(rhs.cs, 1, "rhs rows must be contiguous");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
-        avx512::product(m, n, k, dst, dst_rs, lhs, rhs)
+        avx512::product(m, n, k, dst, dst_rs, lhs, rhs, rhs_panel)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (m, n, k, dst, dst_rs, lhs, rhs);
+        let _ = (m, n, k, dst, dst_rs, lhs, rhs, rhs_panel);
         unreachable!("cpu_gemm512::product called where it is not available");
     }
 }
@@ -87,6 +94,7 @@ mod avx512 {
         first: bool,
     }
 
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn product(
         m: usize,
@@ -96,10 +104,11 @@ mod avx512 {
         dst_rs: usize,
         lhs: Mat,
         rhs: Mat,
+        rhs_panel: usize,
     ) {
         let (lhs, lhs_rs, lhs_cs) = (lhs.ptr, lhs.rs, lhs.cs);
         let (rhs, rhs_rs) = (rhs.ptr, rhs.rs);
-        let panel = VECTORS * 16;
+        let panel = PANEL;
         let mut k0 = 0;
         loop {
             let depth = DEPTH_BLOCK.min(k - k0);
@@ -120,7 +129,7 @@ mod avx512 {
                             lhs: lhs.add(r0 * lhs_rs + k0 * lhs_cs),
                             lhs_rs,
                             lhs_cs,
-                            rhs: rhs.add(k0 * rhs_rs + p0),
+                            rhs: rhs.add(k0 * rhs_rs + p0 / panel * rhs_panel),
                             rhs_rs,
                             depth,
                             tail,
@@ -242,39 +251,45 @@ mod tests {
                 };
                 let rhs_rs = n + 3;
                 let rhs = values(k * rhs_rs, 2);
-                let dst_rs = n + 5;
-                let mut dst = vec![f32::MAX; m * dst_rs];
-                // SAFETY: the sizes as documented; `available()` checked.
-                unsafe {
-                    product(
-                        m,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        dst_rs,
-                        lhs,
-                        Mat::row_major(&rhs, rhs_rs),
-                    )
-                };
-                for i in 0..m {
-                    for j in 0..dst_rs {
-                        let got = dst[i * dst_rs + j];
-                        if j >= n {
-                            assert_eq!(got, f32::MAX, "({m}, {n}, {k}) wrote past row {i}");
-                            continue;
+                // The same rhs panel by panel: element (d, j) at panel j / PANEL, row d.
+                let mut by_panel = vec![f32::NAN; n.div_ceil(PANEL) * k * PANEL];
+                for d in 0..k {
+                    for j in 0..n {
+                        by_panel[(j / PANEL * k + d) * PANEL + j % PANEL] = rhs[d * rhs_rs + j];
+                    }
+                }
+                for panelled in [false, true] {
+                    let (rhs_mat, rhs_panel) = if panelled {
+                        (Mat::row_major(&by_panel, PANEL), k * PANEL)
+                    } else {
+                        (Mat::row_major(&rhs, rhs_rs), PANEL)
+                    };
+                    let dst_rs = n + 5;
+                    let mut dst = vec![f32::MAX; m * dst_rs];
+                    // SAFETY: the sizes as documented; `available()` checked.
+                    unsafe { product(m, n, k, dst.as_mut_ptr(), dst_rs, lhs, rhs_mat, rhs_panel) };
+                    for i in 0..m {
+                        for j in 0..dst_rs {
+                            let got = dst[i * dst_rs + j];
+                            let case = format!(
+                                "({m}, {n}, {k}) transposed {transposed}, by panel {panelled}"
+                            );
+                            if j >= n {
+                                assert_eq!(got, f32::MAX, "{case} wrote past row {i}");
+                                continue;
+                            }
+                            let want: f64 = (0..k)
+                                .map(|d| {
+                                    f64::from(data[i * lhs_rs + d * lhs_cs])
+                                        * f64::from(rhs[d * rhs_rs + j])
+                                })
+                                .sum();
+                            let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
+                            assert!(
+                                (f64::from(got) - want).abs() <= tol,
+                                "{case} at ({i}, {j}): {got} against {want}"
+                            );
                         }
-                        let want: f64 = (0..k)
-                            .map(|d| {
-                                f64::from(data[i * lhs_rs + d * lhs_cs])
-                                    * f64::from(rhs[d * rhs_rs + j])
-                            })
-                            .sum();
-                        let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
-                        assert!(
-                            (f64::from(got) - want).abs() <= tol,
-                            "({m}, {n}, {k}) transposed {transposed} at ({i}, {j}): {got} \
-                             against {want}"
-                        );
                     }
                 }
             }

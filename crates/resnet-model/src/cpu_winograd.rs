@@ -19,7 +19,10 @@
 //! the epilogue (scalar loops and a row buffer otherwise); same operations, same results.
 //!
 //! Work units are runs of tile rows across the batch, sized so that the transformed inputs and
-//! products of a unit stay in cache; the plan depends on the shape only, never on the thread
+//! products of a unit stay in cache. Where the batch has fewer tiles than output channels (the
+//! 7x7 stage), the products and outputs are split by output channels instead, after the
+//! inputs by tile rows, so that each unit reads a quarter of U rather than all of it (the
+//! 7x7 convolution at batch 8 about 5% faster). The plan depends on the shape only, never on the thread
 //! count, so results do not either. Where any output comes out NaN or infinite, the caller
 //! recomputes the convolution directly ([`conv2d`] returns `None`): the transforms mix a tile's
 //! inputs, so a NaN or an infinity would reach outputs outside its 3x3 window, or turn an
@@ -221,6 +224,12 @@ pub(crate) struct Plan {
     avx512: bool,
     /// Whether the transforms run on AVX-512 ([`avx512`]; same results as the portable loops).
     avx512_transforms: bool,
+    /// Whether the products and outputs are split by output channels (after the inputs by
+    /// tile rows) rather than by tile rows. Each unit of a split by tile rows reads all of U,
+    /// one of a split by channels all of V: the second where V is the smaller, as where the
+    /// batch has fewer tiles than output channels (the 7x7 stage at batch 8: 4 MiB of V, 16
+    /// of U).
+    split_channels: bool,
 }
 
 impl Plan {
@@ -277,6 +286,7 @@ impl Plan {
             units,
             avx512: crate::cpu_gemm512::available(),
             avx512_transforms: crate::cpu_gemm512::available(),
+            split_channels: rows * tiles_w < geo.out_channels,
         })
     }
 }
@@ -294,60 +304,101 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// The whole batch's transformed inputs where the plan splits by channels, kept by the
+    /// calling thread.
+    static V_ALL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `U = G g Gt` for every (output, input) channel pair: `A * A` matrices of `in x out`,
-/// row-major (output channels contiguous, as the GEMM reads them without packing).
+/// `U = G g Gt` for every (output, input) channel pair: `A * A` matrices of `in x out`
+/// (output channels contiguous, as the GEMM reads them without packing), each stored in
+/// panels of `panel` output channels ([`u_matrix`] floats), each panel `in` rows of `panel`:
+/// row-major where `panel` is `out`.
 fn transform_weights<V: Variant<N, A>, const N: usize, const A: usize>(
     geo: &Conv2dGeometry,
     weight: &[f32],
+    panel: usize,
 ) -> Vec<f32> {
     /// Input channels per parallel task.
     const BLOCK: usize = 16;
     let (m, c) = (geo.out_channels, geo.in_channels);
-    let mut u = vec![0.0f32; A * A * c * m];
-    // Each task owns a run of BLOCK input channels (BLOCK * m values) in every matrix.
-    let mut blocks: Vec<Vec<&mut [f32]>> = (0..c.div_ceil(BLOCK))
+    let mut u = vec![0.0f32; A * A * u_matrix(c, m, panel)];
+    // Each task owns a run of BLOCK input channels of one panel (BLOCK * panel values) in
+    // every matrix.
+    let blocks_per_panel = c.div_ceil(BLOCK);
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..m.div_ceil(panel) * blocks_per_panel)
         .map(|_| Vec::with_capacity(A * A))
         .collect();
-    for matrix in u.chunks_exact_mut(c * m) {
-        for (block, part) in blocks.iter_mut().zip(matrix.chunks_mut(BLOCK * m)) {
-            block.push(part);
+    for matrix in u.chunks_exact_mut(u_matrix(c, m, panel)) {
+        let parts = matrix
+            .chunks_exact_mut(c * panel)
+            .flat_map(|panel_part| panel_part.chunks_mut(BLOCK * panel));
+        for (task, part) in tasks.iter_mut().zip(parts) {
+            task.push(part);
         }
     }
-    blocks
+    tasks
         .into_par_iter()
         .enumerate()
-        .for_each(|(block, mut parts)| {
-            // Per input channel, across all output channels at once (vectors along `oc`): the
-            // filters g[k][oc], then t = G g as t[r][j][oc], then row r of U, G t[r], into the
-            // matrices r * A..(r + 1) * A.
-            let mut g = vec![0.0f32; 9 * m];
-            let mut t = vec![0.0f32; A * 3 * m];
-            for local in 0..parts[0].len() / m {
+        .for_each(|(task, mut parts)| {
+            let first_oc = task / blocks_per_panel * panel;
+            let block = task % blocks_per_panel;
+            let width = panel.min(m - first_oc);
+            // Per input channel, across the panel's output channels at once (vectors along
+            // `oc`): the filters g[k][oc], then t = G g as t[r][j][oc], then row r of U, G t[r],
+            // into the matrices r * A..(r + 1) * A.
+            let mut g = vec![0.0f32; 9 * width];
+            let mut t = vec![0.0f32; A * 3 * width];
+            for local in 0..parts[0].len() / panel {
                 let ic = block * BLOCK + local;
-                for oc in 0..m {
-                    let filter = &weight[(oc * c + ic) * 9..][..9];
+                for oc in 0..width {
+                    let filter = &weight[((first_oc + oc) * c + ic) * 9..][..9];
                     for (k, &value) in filter.iter().enumerate() {
-                        g[k * m + oc] = value;
+                        g[k * width + oc] = value;
                     }
                 }
                 for j in 0..3 {
-                    let dst = strided_mut::<A>(&mut t, j * m, 3 * m, m);
-                    apply(strided::<3>(&g, j * m, 3 * m, m), dst, m, V::weight);
+                    let dst = strided_mut::<A>(&mut t, j * width, 3 * width, width);
+                    apply(
+                        strided::<3>(&g, j * width, 3 * width, width),
+                        dst,
+                        width,
+                        V::weight,
+                    );
                 }
                 for (r, row_parts) in parts.chunks_exact_mut(A).enumerate() {
                     let mut matrices = row_parts.iter_mut();
                     let dst: [&mut [f32]; A] = std::array::from_fn(|_| {
-                        matrices
-                            .next()
-                            .map_or(Default::default(), |part| &mut part[local * m..][..m])
+                        matrices.next().map_or(Default::default(), |part| {
+                            &mut part[local * panel..][..width]
+                        })
                     });
-                    apply(strided::<3>(&t, r * 3 * m, m, m), dst, m, V::weight);
+                    apply(
+                        strided::<3>(&t, r * 3 * width, width, width),
+                        dst,
+                        width,
+                        V::weight,
+                    );
                 }
             }
         });
     u
+}
+
+/// Floats per matrix of U: `out` channels in panels of `panel` (the last one padded).
+fn u_matrix(c: usize, m: usize, panel: usize) -> usize {
+    m.next_multiple_of(panel) * c
+}
+
+/// The panel width U is stored in for `plan`: [`crate::cpu_gemm512::PANEL`] where its kernel
+/// runs the products (a panel's rows then lie together: rows of 512 channels put each of
+/// them in another page, and the 7x7 stage's products ran 15% slower), else the whole row
+/// (the gemm crate reads U row-major).
+fn u_panel(plan: &Plan, m: usize) -> usize {
+    if plan.avx512 {
+        crate::cpu_gemm512::PANEL
+    } else {
+        m
+    }
 }
 
 /// The storage a weight buffer belongs to (a flex tensor's shared bytes, covering exactly the
@@ -363,11 +414,11 @@ pub(crate) type WeightOwner = Arc<burn::tensor::Bytes>;
 /// there some transforms are redone at every call.
 const CACHE_BYTES: usize = 256 << 20;
 
-/// One weight buffer's transforms: per variant (F2, F4) and `[out, in]` channel counts (one
-/// buffer could be read with two shapes).
+/// One weight buffer's transforms: per variant (F2, F4), `[out, in]` channel counts (one
+/// buffer could be read with two shapes) and panel width (see [`u_panel`]).
 struct CachedWeights {
     owner: WeightOwner,
-    transforms: Vec<(Tile, [usize; 2], Arc<Vec<f32>>)>,
+    transforms: Vec<(Tile, [usize; 3], Arc<Vec<f32>>)>,
     last_use: u64,
 }
 
@@ -428,15 +479,16 @@ fn weights_for<V: Variant<N, A>, const N: usize, const A: usize>(
     weight: &[f32],
     owner: Option<&WeightOwner>,
     tile: Tile,
+    panel: usize,
 ) -> Arc<Vec<f32>> {
     let Some(owner) = owner.filter(|_| !CACHE_OFF.get()) else {
-        return Arc::new(transform_weights::<V, N, A>(geo, weight));
+        return Arc::new(transform_weights::<V, N, A>(geo, weight, panel));
     };
-    let channels = [geo.out_channels, geo.in_channels];
+    let channels = [geo.out_channels, geo.in_channels, panel];
     let now = CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let same = |entry: &CachedWeights| Arc::ptr_eq(&entry.owner, owner);
     let find = |entry: &CachedWeights| {
-        let kind = |(t, c, _): &&(Tile, [usize; 2], Arc<Vec<f32>>)| *t == tile && *c == channels;
+        let kind = |(t, c, _): &&(Tile, [usize; 3], Arc<Vec<f32>>)| *t == tile && *c == channels;
         entry
             .transforms
             .iter()
@@ -455,7 +507,7 @@ fn weights_for<V: Variant<N, A>, const N: usize, const A: usize>(
     }
     // Transformed outside the lock (another thread may do the same meanwhile: the first
     // result stored wins, both are equal).
-    let u = Arc::new(transform_weights::<V, N, A>(geo, weight));
+    let u = Arc::new(transform_weights::<V, N, A>(geo, weight, panel));
     let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
     let index = match cache.iter().position(same) {
         Some(index) => index,
@@ -532,46 +584,177 @@ fn conv2d_with<V: Variant<N, A>, const N: usize, const A: usize>(
     residual: Option<&[f32]>,
     relu: bool,
 ) -> Option<Vec<f32>> {
-    let u = weights_for::<V, N, A>(geo, weight, owner, plan.tile);
+    let panel = u_panel(plan, geo.out_channels);
+    let u = weights_for::<V, N, A>(geo, weight, owner, plan.tile, panel);
+    let u_len = u_matrix(geo.in_channels, geo.out_channels, panel);
     let len = geo.output_len();
-    // Not zeroed: every output row is written once, by the unit holding its tile row.
+    // Not zeroed: every output row is written once, by the unit holding its tile row (and,
+    // split by channels, its channels).
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let shared = SharedOut(out.as_mut_ptr());
     let finite = AtomicBool::new(true);
-    let run = |unit: usize| {
+    let sequential = rayon::current_num_threads() == 1;
+    let (c, m) = (geo.in_channels, geo.out_channels);
+    let tw = plan.tiles_w;
+    let all_rows = geo.batch * plan.tiles_h;
+    let rows_of = |unit: usize| {
         let first = unit * plan.rows_per_unit;
-        let rows = first..(first + plan.rows_per_unit).min(geo.batch * plan.tiles_h);
-        SCRATCH.with_borrow_mut(|scratch| {
-            // SAFETY: the unit writes only the output rows of its tile rows, which no other
-            // unit covers; `out` has the output's length.
-            let unit_finite = unsafe {
-                run_unit::<V, N, A>(
-                    geo,
-                    plan,
-                    scratch,
-                    rows,
-                    x,
-                    &u,
+        first..(first + plan.rows_per_unit).min(all_rows)
+    };
+    if plan.split_channels {
+        // V for every tile first (units of tile rows, each into its own block), then units
+        // of output channels, each multiplying all tiles by its columns of U.
+        let block = A * A * v_matrix(plan, c, plan.rows_per_unit * tw);
+        V_ALL.with_borrow_mut(|v_all| {
+            // Only growth needs initializing: the products read only what the inputs' stage
+            // writes.
+            v_all.resize(plan.units * block, 0.0);
+            let transform = |(unit, v): (usize, &mut [f32])| {
+                SCRATCH.with_borrow_mut(|scratch| {
+                    input_stage::<V, N, A>(geo, plan, rows_of(unit), x, v, &mut scratch.rows);
+                });
+            };
+            let v_all = &mut v_all[..plan.units * block];
+            if sequential {
+                v_all.chunks_mut(block).enumerate().for_each(transform);
+            } else {
+                v_all.par_chunks_mut(block).enumerate().for_each(transform);
+            }
+            let v_all = &*v_all;
+            // Whole panels of U each (see `product`).
+            let channel_block = m
+                .div_ceil(BALANCED_UNITS)
+                .next_multiple_of(crate::cpu_gemm512::PANEL);
+            let parts = m.div_ceil(channel_block);
+            let run = |part: usize| {
+                let channels = part * channel_block..((part + 1) * channel_block).min(m);
+                let width = channels.len();
+                let all_tiles = all_rows * tw;
+                SCRATCH.with_borrow_mut(|scratch| {
+                    let Scratch {
+                        m: prod, y, tile, ..
+                    } = scratch;
+                    prod.resize(A * A * all_tiles * width, 0.0);
+                    // Matrix by matrix, so that U[xi]'s columns stay in cache over the tiles.
+                    for xi in 0..A * A {
+                        for unit in 0..plan.units {
+                            let rows = rows_of(unit);
+                            let tiles = rows.len() * tw;
+                            let matrix = v_matrix(plan, c, tiles);
+                            let v = &v_all[unit * block + xi * matrix..][..c * tiles];
+                            let first = rows.start * tw;
+                            let dst = prod[(xi * all_tiles + first) * width..].as_mut_ptr();
+                            // SAFETY: `prod` holds all_tiles rows of `width` for each matrix;
+                            // these are rows first..first + tiles of matrix xi.
+                            unsafe {
+                                product(
+                                    plan,
+                                    tiles,
+                                    c,
+                                    v,
+                                    &u[xi * u_len..][..u_len],
+                                    m,
+                                    panel,
+                                    channels.clone(),
+                                    dst,
+                                )
+                            };
+                        }
+                    }
+                    let to = Epilogue {
+                        bias,
+                        residual,
+                        relu,
+                        out: shared.ptr(),
+                    };
+                    // SAFETY: this unit alone writes these channels' output rows.
+                    let part_finite = unsafe {
+                        output_stage::<V, N, A>(
+                            geo,
+                            plan,
+                            0..all_rows,
+                            prod,
+                            channels,
+                            y,
+                            tile,
+                            &to,
+                        )
+                    };
+                    if !part_finite {
+                        finite.store(false, Ordering::Relaxed);
+                    }
+                });
+            };
+            if sequential {
+                (0..parts).for_each(run);
+            } else {
+                (0..parts).into_par_iter().for_each(run);
+            }
+        });
+    } else {
+        let run = |unit: usize| {
+            let rows = rows_of(unit);
+            let tiles = rows.len() * tw;
+            SCRATCH.with_borrow_mut(|scratch| {
+                let Scratch {
+                    v,
+                    m: prod,
+                    rows: buf,
+                    y,
+                    tile,
+                } = scratch;
+                let matrix = v_matrix(plan, c, tiles);
+                v.resize(A * A * matrix, 0.0);
+                input_stage::<V, N, A>(geo, plan, rows.clone(), x, v, buf);
+                prod.resize(A * A * m * tiles, 0.0);
+                for xi in 0..A * A {
+                    let dst = prod[xi * m * tiles..].as_mut_ptr();
+                    // SAFETY: matrix xi of `prod` has `tiles` rows of `m`.
+                    unsafe {
+                        product(
+                            plan,
+                            tiles,
+                            c,
+                            &v[xi * matrix..][..c * tiles],
+                            &u[xi * u_len..][..u_len],
+                            m,
+                            panel,
+                            0..m,
+                            dst,
+                        )
+                    };
+                }
+                let to = Epilogue {
                     bias,
                     residual,
                     relu,
-                    shared.ptr(),
-                )
-            };
-            if !unit_finite {
-                finite.store(false, Ordering::Relaxed);
-            }
-        });
-    };
-    if rayon::current_num_threads() == 1 {
-        (0..plan.units).for_each(run);
-    } else {
-        (0..plan.units).into_par_iter().for_each(run);
+                    out: shared.ptr(),
+                };
+                // SAFETY: the unit writes only the output rows of its tile rows, which no
+                // other unit covers.
+                let unit_finite =
+                    unsafe { output_stage::<V, N, A>(geo, plan, rows, prod, 0..m, y, tile, &to) };
+                if !unit_finite {
+                    finite.store(false, Ordering::Relaxed);
+                }
+            });
+        };
+        if sequential {
+            (0..plan.units).for_each(run);
+        } else {
+            (0..plan.units).into_par_iter().for_each(run);
+        }
     }
-    // SAFETY: the units' tile rows cover every (image, tile row), and each writes all output
-    // rows of its tile rows (fewer at the bottom edge) for every channel.
+    // SAFETY: the units' tile rows (and channels) cover every (image, tile row, channel), and
+    // each writes all output rows of its tile rows (fewer at the bottom edge).
     unsafe { out.set_len(len) };
     finite.into_inner().then_some(out)
+}
+
+/// Floats per matrix of V for `tiles` tiles of a unit: `c` rows of `tiles`, and room for the
+/// last row's vector overhang (see [`input_stage`]).
+fn v_matrix(plan: &Plan, c: usize, tiles: usize) -> usize {
+    c * tiles + plan.tiles_w.next_multiple_of(LANES) - plan.tiles_w
 }
 
 /// `apply(src, dst, len, f)`, on AVX-512 where `simd` says so (set only where the plan's
@@ -595,53 +778,34 @@ macro_rules! transform {
     };
 }
 
-/// One unit: tile rows `rows` (batch-wide: `image * tiles_h + tile_row`). Returns whether
-/// every output before the ReLU was finite.
-///
-/// # Safety
-/// `out` must be valid for writes of the output (`batch * out_channels * out_h * out_w`
-/// floats, possibly uninitialized: rows are written whole before anything reads them), and no
-/// other thread may touch the output rows of these tile rows during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
+/// V = Bt d B for every tile of tile rows `rows` (batch-wide: `image * tiles_h + tile_row`)
+/// and every input channel: `v` gets `A * A` matrices, [`v_matrix`] floats apart, each
+/// `in_channels` rows of the tiles in row order. `buf` is scratch.
+fn input_stage<V: Variant<N, A>, const N: usize, const A: usize>(
     geo: &Conv2dGeometry,
     plan: &Plan,
-    scratch: &mut Scratch,
     rows: std::ops::Range<usize>,
     x: &[f32],
-    u: &[f32],
-    bias: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    relu: bool,
-    out: *mut f32,
-) -> bool {
-    let (c, m) = (geo.in_channels, geo.out_channels);
+    v: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
+    let c = geo.in_channels;
     let tw = plan.tiles_w;
     let tiles = rows.len() * tw;
     let plane_in = geo.in_h * geo.in_w;
-    let plane_out = geo.out_h * geo.out_w;
-    let Scratch {
-        v,
-        m: prod,
-        rows: buf,
-        y,
-        tile: tile_buf,
-    } = scratch;
     // The input transforms run along a tile row's `tw` tiles, as vectors of `lanes` (`tw`
     // rounded up to LANES): 7 or 14 tiles left most of each vector loop to its scalar
     // remainder. The extra lanes compute values that no output uses: in the row buffers they
     // are never read, and in V they land in the next tile row's slots (written after), the
-    // next channel's (written after) or the `spill` at the end of each matrix.
+    // next channel's (written after) or the room at the end of each matrix.
     let lanes = tw.next_multiple_of(LANES);
     // F(2x2, 3x3)'s input transform stays portable: on AVX-512 it measured no faster (its
     // tile rows of 4 and 7 tiles). The AVX-512 one writes the horizontally transformed rows as
     // whole vectors (`h_lanes` long).
     let simd_in = plan.avx512_transforms && N == 4;
     let h_lanes = tw.next_multiple_of(if simd_in { 16 } else { LANES });
-    let spill = lanes - tw;
-    let matrix = c * tiles + spill;
-    v.resize(A * A * matrix, 0.0);
-    prod.resize(A * A * m * tiles, 0.0);
+    let matrix = v_matrix(plan, c, tiles);
+    assert!(v.len() >= A * A * matrix, "V too short for its tiles");
     // One zero-padded input row (N * (tw + 1) elements) and its N phases (elements N * j + r
     // for r < N, `lanes + 1` each: window element k of tile j is phases[k % N][j + k / N]),
     // for the portable path, and A slots of A horizontally transformed rows (`h_lanes` each).
@@ -651,9 +815,9 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
     let (row_buf, rest) = buf.split_at_mut(padded);
     let (phases, h) = rest.split_at_mut(N * phase_len);
 
-    // V = Bt d B for every tile and input channel: V[xi][channel][tile]. The horizontal half
-    // (Bt along each input row, for the window at N * j) is kept per row in one of A slots:
-    // the next tile row of the same image reuses the last A - N of them.
+    // V[xi][channel][tile]. The horizontal half (Bt along each input row, for the window at
+    // N * j) is kept per row in one of A slots: the next tile row of the same image reuses
+    // the last A - N of them.
     for channel in 0..c {
         let mut previous = None;
         let mut slots: [usize; A] = std::array::from_fn(|i| i);
@@ -711,30 +875,92 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
             }
         }
     }
+}
 
-    // M[xi] = U[xi] (m x c) * V[xi] (c x tiles), stored tiles x m (output channels
-    // contiguous: the GEMM's wide register blocks then run along the channels, which are a
-    // multiple of 64, rather than along a unit's tiles, which are not). As one product:
-    // M[xi]^T (tiles x m) = V[xi]^T (tiles x c) * U[xi]^T (c x m, U's in x out layout). On
-    // AVX-512 through cpu_gemm512, which reads V[xi] and U[xi] in place (the gemm crate
-    // packs both for each of these small products: Winograd's layers took 5-15% longer).
-    for xi in 0..A * A {
-        let dst = prod[xi * m * tiles..].as_mut_ptr();
-        let lhs = Mat::row_major(&v[xi * matrix..][..c * tiles], tiles).transposed();
-        let rhs = Mat::row_major(&u[xi * c * m..][..c * m], m);
-        // SAFETY (both arms): lhs is tiles x c (V[xi], c x tiles floats), rhs c x m (U[xi]),
-        // and the destination tiles rows of m floats inside `prod`.
-        if plan.avx512 {
-            unsafe { crate::cpu_gemm512::product(tiles, m, c, dst, m, lhs, rhs) };
-        } else {
-            unsafe { gemm_mat(tiles, m, c, dst, m, false, lhs, rhs) };
-        }
+/// One matrix of products for output channels `channels`: `dst (tiles x channels.len(), rows
+/// contiguous) = v^T * u[.., channels]`, where `v` is V[xi] for `tiles` tiles (`c` rows of
+/// `tiles`) and `u` is U[xi] (`c` rows of `m`, the input-by-output layout, in panels of
+/// `panel` columns as [`transform_weights`] stores it; `channels` starts at a panel unless
+/// `panel` is `m`). Stored tiles by channels (output channels contiguous: the GEMM's wide
+/// register blocks then run along the channels, which are a multiple of 64, rather than
+/// along a unit's tiles, which are not). On AVX-512 through cpu_gemm512, which reads both in
+/// place (the gemm crate packs both for each of these small products: Winograd's layers took
+/// 5-15% longer).
+///
+/// # Safety
+/// `dst` must be valid for writes of `tiles * channels.len()` floats, aliasing nothing else.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    plan: &Plan,
+    tiles: usize,
+    c: usize,
+    v: &[f32],
+    u: &[f32],
+    m: usize,
+    panel: usize,
+    channels: std::ops::Range<usize>,
+    dst: *mut f32,
+) {
+    assert!(v.len() >= c * tiles && u.len() >= u_matrix(c, m, panel) && channels.end <= m);
+    assert!(
+        panel == m || (plan.avx512 && channels.start.is_multiple_of(panel)),
+        "products from inside a panel of U"
+    );
+    let width = channels.len();
+    let lhs = Mat::row_major(&v[..c * tiles], tiles).transposed();
+    let first = channels.start / panel * c * panel + channels.start % panel;
+    let rhs = Mat::row_major(&u[first..], panel);
+    // SAFETY (both arms): lhs is tiles x c, rhs c x width inside `u` (checked above: whole
+    // panels, or row-major), and the destination the caller's.
+    if plan.avx512 {
+        unsafe { crate::cpu_gemm512::product(tiles, width, c, dst, width, lhs, rhs, c * panel) };
+    } else {
+        unsafe { gemm_mat(tiles, width, c, dst, width, false, lhs, rhs) };
     }
+}
 
-    // Y = At M A per tile, along the output channels (M[xi]'s rows for a tile are contiguous
-    // in them): At along the rows into T[r][q][oc], along the columns into Y[p][q][oc]; then
-    // Y into `y` (m x N rows x `width` columns per tile row), and bias, residual and ReLU on
-    // the way out, as the direct path's epilogue: relu(y + bias + residual).
+/// What the outputs' stage adds and where it writes: `relu(y + bias + residual)` (bias and
+/// residual where given, ReLU where `relu`) into `out`, the whole NCHW output.
+struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    residual: Option<&'a [f32]>,
+    relu: bool,
+    out: *mut f32,
+}
+
+/// Y = At M A for the tiles of tile rows `rows` and the output channels `channels`, and the
+/// epilogue, into the output. `prod` holds the products for those channels: `A * A`
+/// matrices, each rows of `channels.len()` floats for every tile from the first of `rows`
+/// on, in row order, up to the end of `prod`. Returns whether every output before the ReLU
+/// was finite. `y` and `tile_buf` are scratch.
+///
+/// # Safety
+/// `to.out` must be valid for writes of the output (`batch * out_channels * out_h * out_w`
+/// floats, possibly uninitialized: rows are written whole before anything reads them), and no
+/// other thread may touch the output rows of these tile rows and channels during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_stage<V: Variant<N, A>, const N: usize, const A: usize>(
+    geo: &Conv2dGeometry,
+    plan: &Plan,
+    rows: std::ops::Range<usize>,
+    prod: &[f32],
+    channels: std::ops::Range<usize>,
+    y: &mut Vec<f32>,
+    tile_buf: &mut Vec<f32>,
+    to: &Epilogue,
+) -> bool {
+    let m = channels.len();
+    let tw = plan.tiles_w;
+    let tiles = prod.len() / (A * A * m);
+    assert!(
+        tiles >= rows.len() * tw,
+        "products for fewer tiles than rows"
+    );
+    let plane_out = geo.out_h * geo.out_w;
+    let bias = to.bias.map(|b| &b[channels.clone()]);
+    // At along the rows into T[r][q][oc], along the columns into Y[p][q][oc] (M[xi]'s rows
+    // for a tile are contiguous in the channels); then Y into `y` (m x N rows x `width`
+    // columns per tile row) and the epilogue on the way out, as the direct path's.
     // On AVX-512, `group` tiles' outputs (16 values per channel) go straight to the output
     // rows at once, the epilogue on the way (`y` unused).
     let group = if plan.avx512_transforms {
@@ -751,6 +977,8 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
     let mut finite = true;
     for (i, row) in rows.clone().enumerate() {
         let (image, ty) = (row / plan.tiles_h, row % plan.tiles_h);
+        // This tile row's output rows of the first channel: channel `oc` is `plane_out` on.
+        let first = (image * geo.out_channels + channels.start) * plane_out + N * ty * geo.out_w;
         for j in (0..tw).step_by(group) {
             // Past the row's last tile, a group repeats it (into columns no output uses).
             for (g, y_tile) in y_tiles.chunks_exact_mut(N * N * m).enumerate() {
@@ -779,20 +1007,19 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
             #[cfg(target_arch = "x86_64")]
             if plan.avx512_transforms {
                 // Straight into the output with the epilogue (no `y`).
-                let first = image * m * plane_out + N * ty * geo.out_w;
-                let to = avx512::OutRows {
-                    out: out.wrapping_add(first),
-                    residual: residual.map(|r| r[first..].as_ptr()),
+                let rows_to = avx512::OutRows {
+                    out: to.out.wrapping_add(first),
+                    residual: to.residual.map(|r| r[first..].as_ptr()),
                     bias,
-                    relu,
+                    relu: to.relu,
                     plane: plane_out,
                     width: geo.out_w,
                     rows: (geo.out_h - N * ty).min(N),
                 };
                 // SAFETY: AVX-512F per the plan; y_tiles holds 16 rows of m; the tile row's
-                // output rows (and the residual's) exist for every channel of this image, and
-                // belong to this unit; N * j < out_w as j < tw.
-                finite &= unsafe { avx512::store_tiles::<N>(y_tiles, m, &to, j) };
+                // output rows (and the residual's) exist for these channels of this image,
+                // and belong to this unit; N * j < out_w as j < tw.
+                finite &= unsafe { avx512::store_tiles::<N>(y_tiles, m, &rows_to, j) };
                 continue;
             }
             for (oc, out_rows) in y.chunks_exact_mut(N * width).enumerate() {
@@ -813,27 +1040,29 @@ unsafe fn run_unit<V: Variant<N, A>, const N: usize, const A: usize>(
                 if oy >= geo.out_h {
                     break;
                 }
-                let start = (image * m + oc) * plane_out + oy * geo.out_w;
+                let start = first + oc * plane_out + dy * geo.out_w;
                 let row = &mut y[(oc * N + dy) * width..][..geo.out_w];
-                match residual {
+                match to.residual {
                     Some(r) => {
                         for (v, &r) in row.iter_mut().zip(&r[start..start + geo.out_w]) {
                             let sum = *v + bias + r;
                             finite &= sum.is_finite();
-                            *v = if relu { relu_nan(sum) } else { sum };
+                            *v = if to.relu { relu_nan(sum) } else { sum };
                         }
                     }
                     None => {
                         for v in row.iter_mut() {
                             let sum = *v + bias;
                             finite &= sum.is_finite();
-                            *v = if relu { relu_nan(sum) } else { sum };
+                            *v = if to.relu { relu_nan(sum) } else { sum };
                         }
                     }
                 }
-                // SAFETY: output row `oy` of this channel and image lies inside `out` and
-                // belongs to this unit.
-                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(start), row.len()) };
+                // SAFETY: output row `oy` of this channel and image lies inside the output
+                // and belongs to this unit.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), to.out.add(start), row.len())
+                };
             }
         }
     }
@@ -903,7 +1132,7 @@ pub(crate) mod tests {
     fn weight_cache_drops_least_recently_used_first() {
         let entry = |floats: usize, last_use: u64| CachedWeights {
             owner: Arc::new(burn::tensor::Bytes::from_elems(vec![0.0f32])),
-            transforms: vec![(Tile::F2, [1, 1], Arc::new(vec![0.0; floats]))],
+            transforms: vec![(Tile::F2, [1, 1, 1], Arc::new(vec![0.0; floats]))],
             last_use,
         };
         let uses = |cache: &[CachedWeights]| cache.iter().map(|e| e.last_use).collect::<Vec<_>>();
@@ -944,6 +1173,59 @@ pub(crate) mod tests {
         assert_eq!(tile([1, 128, 28, 28], 128), Some(Tile::F2));
         // Too few channels.
         assert_eq!(tile([8, 32, 56, 56], 32), None);
+        // Split by channels where the batch has fewer tiles than output channels.
+        let split = |x, m| Plan::new(&geometry(x, m, pad)).map(|plan| plan.split_channels);
+        assert_eq!(split([8, 512, 7, 7], 512), Some(true));
+        assert_eq!(split([8, 256, 14, 14], 256), Some(false));
+        assert_eq!(split([4, 256, 14, 14], 256), Some(true));
+    }
+
+    /// Split by output channels (U in panels, the last one partial) or by tile rows: the same
+    /// results, bit for bit where cpu_gemm512 runs the products (each output sums the same
+    /// products in the same order), and as the direct convolution.
+    #[test]
+    fn splitting_by_channels_changes_nothing() {
+        let geo = geometry([8, 64, 7, 7], 200, [(1, 1); 2]);
+        let x = values(geo.input_len(), 11);
+        let w = values(geo.weight_len(), 12);
+        let bias = values(geo.out_channels, 13);
+        let res = values(geo.output_len(), 14);
+        let expected = naive(&geo, &x, &w, &bias, &res);
+        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let plan = Plan::new(&geo).expect("a Winograd plan");
+        assert!(plan.split_channels && plan.tile == Tile::F2);
+        let kernels: &[bool] = if crate::cpu_gemm512::available() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &avx512 in kernels {
+            let run = |split_channels| {
+                let plan = Plan {
+                    avx512,
+                    avx512_transforms: avx512,
+                    split_channels,
+                    ..plan
+                };
+                conv2d(&geo, &plan, &x, &w, None, Some(&bias), Some(&res), true)
+                    .expect("finite outputs")
+            };
+            let (by_rows, by_channels) = (run(false), run(true));
+            for got in [&by_rows, &by_channels] {
+                let diff = got
+                    .iter()
+                    .zip(&expected)
+                    .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 2e-6 * scale, "AVX-512 {avx512}: differs by {diff}");
+            }
+            if avx512 {
+                let first = by_rows
+                    .iter()
+                    .zip(&by_channels)
+                    .position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(first, None, "split by channels against by tile rows");
+            }
+        }
     }
 
     #[test]
