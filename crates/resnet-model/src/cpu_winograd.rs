@@ -601,6 +601,26 @@ fn conv2d_with<V: Variant<N, A>, const N: usize, const A: usize>(
         let first = unit * plan.rows_per_unit;
         first..(first + plan.rows_per_unit).min(all_rows)
     };
+    // The outputs' stage for tile rows and output channels whose products `prod` holds. Each
+    // call must name rows and channels whose outputs no other unit writes (both callers below
+    // do: their units cut the rows, or the channels, apart).
+    let finish = |rows: std::ops::Range<usize>,
+                  prod: &[f32],
+                  channels: std::ops::Range<usize>,
+                  y: &mut Vec<f32>,
+                  tile: &mut Vec<f32>| {
+        let to = Epilogue {
+            bias,
+            residual,
+            relu,
+            out: shared.ptr(),
+        };
+        // SAFETY: `out` has the output's length; the rows and channels are this unit's alone
+        // (see above).
+        if !unsafe { output_stage::<V, N, A>(geo, plan, rows, prod, channels, y, tile, &to) } {
+            finite.store(false, Ordering::Relaxed);
+        }
+    };
     if plan.split_channels {
         // V for every tile first (units of tile rows, each into its own block), then units
         // of output channels, each multiplying all tiles by its columns of U.
@@ -661,28 +681,8 @@ fn conv2d_with<V: Variant<N, A>, const N: usize, const A: usize>(
                             };
                         }
                     }
-                    let to = Epilogue {
-                        bias,
-                        residual,
-                        relu,
-                        out: shared.ptr(),
-                    };
-                    // SAFETY: this unit alone writes these channels' output rows.
-                    let part_finite = unsafe {
-                        output_stage::<V, N, A>(
-                            geo,
-                            plan,
-                            0..all_rows,
-                            prod,
-                            channels,
-                            y,
-                            tile,
-                            &to,
-                        )
-                    };
-                    if !part_finite {
-                        finite.store(false, Ordering::Relaxed);
-                    }
+                    // This unit alone writes these channels' output rows.
+                    finish(0..all_rows, prod, channels, y, tile);
                 });
             };
             if sequential {
@@ -724,19 +724,9 @@ fn conv2d_with<V: Variant<N, A>, const N: usize, const A: usize>(
                         )
                     };
                 }
-                let to = Epilogue {
-                    bias,
-                    residual,
-                    relu,
-                    out: shared.ptr(),
-                };
-                // SAFETY: the unit writes only the output rows of its tile rows, which no
-                // other unit covers.
-                let unit_finite =
-                    unsafe { output_stage::<V, N, A>(geo, plan, rows, prod, 0..m, y, tile, &to) };
-                if !unit_finite {
-                    finite.store(false, Ordering::Relaxed);
-                }
+                // The unit writes only the output rows of its tile rows, which no other unit
+                // covers.
+                finish(rows, prod, 0..m, y, tile);
             });
         };
         if sequential {
@@ -1093,6 +1083,36 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Inputs, weights, bias and residual for a geometry (deterministic from `seed`), and the
+    /// direct convolution's result with its largest magnitude.
+    struct Case {
+        x: Vec<f32>,
+        w: Vec<f32>,
+        bias: Vec<f32>,
+        res: Vec<f32>,
+        expected: Vec<f32>,
+        scale: f32,
+    }
+
+    impl Case {
+        fn new(geo: &Conv2dGeometry, seed: u32) -> Self {
+            let x = values(geo.input_len(), seed);
+            let w = values(geo.weight_len(), seed + 1);
+            let bias = values(geo.out_channels, seed + 2);
+            let res = values(geo.output_len(), seed + 3);
+            let expected = naive(geo, &x, &w, &bias, &res);
+            let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            Self {
+                x,
+                w,
+                bias,
+                res,
+                expected,
+                scale,
+            }
+        }
+    }
+
     /// Direct convolution in float64, plus bias and residual, then ReLU.
     fn naive(geo: &Conv2dGeometry, x: &[f32], w: &[f32], bias: &[f32], res: &[f32]) -> Vec<f32> {
         let (c, m) = (geo.in_channels, geo.out_channels);
@@ -1186,12 +1206,14 @@ pub(crate) mod tests {
     #[test]
     fn splitting_by_channels_changes_nothing() {
         let geo = geometry([8, 64, 7, 7], 200, [(1, 1); 2]);
-        let x = values(geo.input_len(), 11);
-        let w = values(geo.weight_len(), 12);
-        let bias = values(geo.out_channels, 13);
-        let res = values(geo.output_len(), 14);
-        let expected = naive(&geo, &x, &w, &bias, &res);
-        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let Case {
+            x,
+            w,
+            bias,
+            res,
+            expected,
+            scale,
+        } = Case::new(&geo, 11);
         let plan = Plan::new(&geo).expect("a Winograd plan");
         assert!(plan.split_channels && plan.tile == Tile::F2);
         let kernels: &[bool] = if crate::cpu_gemm512::available() {
@@ -1233,12 +1255,14 @@ pub(crate) mod tests {
         // Odd output sizes (31 x 29: partial tiles for both) and asymmetric padding.
         let geo = geometry([2, 16, 30, 30], 24, [(2, 1), (0, 1)]);
         assert_eq!((geo.out_h, geo.out_w), (31, 29));
-        let x = values(geo.input_len(), 1);
-        let w = values(geo.weight_len(), 2);
-        let bias = values(geo.out_channels, 3);
-        let res = values(geo.output_len(), 4);
-        let expected = naive(&geo, &x, &w, &bias, &res);
-        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let Case {
+            x,
+            w,
+            bias,
+            res,
+            expected,
+            scale,
+        } = Case::new(&geo, 1);
         // F2's coefficients are 0, +-1 and +-1/2: direct convolution's rounding. F4's reach 8.
         // The products and transforms portable, and on AVX-512 where the CPU has it.
         let kernels: &[bool] = if crate::cpu_gemm512::available() {
