@@ -259,6 +259,8 @@ mod tests {
                     }
                 }
                 for panelled in [false, true] {
+                    let case =
+                        format!("({m}, {n}, {k}) transposed {transposed}, by panel {panelled}");
                     let (rhs_mat, rhs_panel) = if panelled {
                         (Mat::row_major(&by_panel, PANEL), k * PANEL)
                     } else {
@@ -271,9 +273,6 @@ mod tests {
                     for i in 0..m {
                         for j in 0..dst_rs {
                             let got = dst[i * dst_rs + j];
-                            let case = format!(
-                                "({m}, {n}, {k}) transposed {transposed}, by panel {panelled}"
-                            );
                             if j >= n {
                                 assert_eq!(got, f32::MAX, "{case} wrote past row {i}");
                                 continue;
