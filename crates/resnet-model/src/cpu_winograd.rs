@@ -625,72 +625,74 @@ fn conv2d_with<V: Variant<N, A>, const N: usize, const A: usize>(
         // V for every tile first (units of tile rows, each into its own block), then units
         // of output channels, each multiplying all tiles by its columns of U.
         let block = A * A * v_matrix(plan, c, plan.rows_per_unit * tw);
-        V_ALL.with_borrow_mut(|v_all| {
-            // Only growth needs initializing: the products read only what the inputs' stage
-            // writes.
-            v_all.resize(plan.units * block, 0.0);
-            let transform = |(unit, v): (usize, &mut [f32])| {
-                SCRATCH.with_borrow_mut(|scratch| {
-                    input_stage::<V, N, A>(geo, plan, rows_of(unit), x, v, &mut scratch.rows);
-                });
-            };
-            let v_all = &mut v_all[..plan.units * block];
-            if sequential {
-                v_all.chunks_mut(block).enumerate().for_each(transform);
-            } else {
-                v_all.par_chunks_mut(block).enumerate().for_each(transform);
-            }
-            let v_all = &*v_all;
-            // Whole panels of U each (see `product`).
-            let channel_block = m
-                .div_ceil(BALANCED_UNITS)
-                .next_multiple_of(crate::cpu_gemm512::PANEL);
-            let parts = m.div_ceil(channel_block);
-            let run = |part: usize| {
-                let channels = part * channel_block..((part + 1) * channel_block).min(m);
-                let width = channels.len();
-                let all_tiles = all_rows * tw;
-                SCRATCH.with_borrow_mut(|scratch| {
-                    let Scratch {
-                        m: prod, y, tile, ..
-                    } = scratch;
-                    prod.resize(A * A * all_tiles * width, 0.0);
-                    // Matrix by matrix, so that U[xi]'s columns stay in cache over the tiles.
-                    for xi in 0..A * A {
-                        for unit in 0..plan.units {
-                            let rows = rows_of(unit);
-                            let tiles = rows.len() * tw;
-                            let matrix = v_matrix(plan, c, tiles);
-                            let v = &v_all[unit * block + xi * matrix..][..c * tiles];
-                            let first = rows.start * tw;
-                            let dst = prod[(xi * all_tiles + first) * width..].as_mut_ptr();
-                            // SAFETY: `prod` holds all_tiles rows of `width` for each matrix;
-                            // these are rows first..first + tiles of matrix xi.
-                            unsafe {
-                                product(
-                                    plan,
-                                    tiles,
-                                    c,
-                                    v,
-                                    &u[xi * u_len..][..u_len],
-                                    m,
-                                    panel,
-                                    channels.clone(),
-                                    dst,
-                                )
-                            };
-                        }
+        // Taken out of the thread-local rather than borrowed in place: while this thread waits
+        // for the parallel loops below, rayon may run another task on it that convolves too.
+        let mut buffer = V_ALL.take();
+        // Only growth needs initializing: the products read only what the inputs' stage
+        // writes.
+        buffer.resize(plan.units * block, 0.0);
+        let transform = |(unit, v): (usize, &mut [f32])| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                input_stage::<V, N, A>(geo, plan, rows_of(unit), x, v, &mut scratch.rows);
+            });
+        };
+        let v_all = &mut buffer[..plan.units * block];
+        if sequential {
+            v_all.chunks_mut(block).enumerate().for_each(transform);
+        } else {
+            v_all.par_chunks_mut(block).enumerate().for_each(transform);
+        }
+        let v_all = &*v_all;
+        // Whole panels of U each (see `product`).
+        let channel_block = m
+            .div_ceil(BALANCED_UNITS)
+            .next_multiple_of(crate::cpu_gemm512::PANEL);
+        let parts = m.div_ceil(channel_block);
+        let run = |part: usize| {
+            let channels = part * channel_block..((part + 1) * channel_block).min(m);
+            let width = channels.len();
+            let all_tiles = all_rows * tw;
+            SCRATCH.with_borrow_mut(|scratch| {
+                let Scratch {
+                    m: prod, y, tile, ..
+                } = scratch;
+                prod.resize(A * A * all_tiles * width, 0.0);
+                // Matrix by matrix, so that U[xi]'s columns stay in cache over the tiles.
+                for xi in 0..A * A {
+                    for unit in 0..plan.units {
+                        let rows = rows_of(unit);
+                        let tiles = rows.len() * tw;
+                        let matrix = v_matrix(plan, c, tiles);
+                        let v = &v_all[unit * block + xi * matrix..][..c * tiles];
+                        let first = rows.start * tw;
+                        let dst = prod[(xi * all_tiles + first) * width..].as_mut_ptr();
+                        // SAFETY: `prod` holds all_tiles rows of `width` for each matrix;
+                        // these are rows first..first + tiles of matrix xi.
+                        unsafe {
+                            product(
+                                plan,
+                                tiles,
+                                c,
+                                v,
+                                &u[xi * u_len..][..u_len],
+                                m,
+                                panel,
+                                channels.clone(),
+                                dst,
+                            )
+                        };
                     }
-                    // This unit alone writes these channels' output rows.
-                    finish(0..all_rows, prod, channels, y, tile);
-                });
-            };
-            if sequential {
-                (0..parts).for_each(run);
-            } else {
-                (0..parts).into_par_iter().for_each(run);
-            }
-        });
+                }
+                // This unit alone writes these channels' output rows.
+                finish(0..all_rows, prod, channels, y, tile);
+            });
+        };
+        if sequential {
+            (0..parts).for_each(run);
+        } else {
+            (0..parts).into_par_iter().for_each(run);
+        }
+        V_ALL.set(buffer);
     } else {
         let run = |unit: usize| {
             let rows = rows_of(unit);
