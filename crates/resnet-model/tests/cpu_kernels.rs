@@ -690,25 +690,60 @@ fn relative_difference(got: &[f32], expected: &[f32]) -> f32 {
         / scale
 }
 
+/// `len` values drawn from N(mean, std), the same for the same `seed` (Box-Muller on a
+/// SplitMix64 stream): inputs that depend neither on the shared random generator nor on the
+/// tests running beside this one.
+#[cfg(feature = "autodiff")]
+fn normal(len: usize, seed: u64, mean: f64, std: f64) -> Vec<f32> {
+    let mut state = seed;
+    let mut uniform = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // In (0, 1): never 0, whose logarithm Box-Muller would take.
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..len)
+        .map(|_| {
+            let (u1, u2) = (uniform(), uniform());
+            let n = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            (mean + std * n) as f32
+        })
+        .collect()
+}
+
 #[cfg(feature = "autodiff")]
 #[test]
 fn training_batch_norm_matches_burn() {
     use burn::nn::{BatchNorm, BatchNormConfig};
+    use burn::tensor::TensorData;
     use resnet_model::ops::batch_norm;
 
     let flat = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().expect("float32 tensor");
     let plain = Device::flex().autodiff();
     let checkpointed = Device::flex().autodiff().gradient_checkpointing();
-    for (shape, label, device) in [
+    // Fixed inputs: with random ones the 1x1 case (3 values per channel, where the input
+    // gradient's terms nearly cancel) differed from Burn's by more than 2e-5 about once in 30
+    // draws, both sides within 1.1e-5 and 1.8e-5 of a float64 reference (4000 draws).
+    for (seed, (shape, label, device)) in [
         ([4, 8, 5, 7], "odd plane", &plain),
         ([2, 16, 32, 32], "32x32", &plain),
         ([3, 5, 1, 1], "1x1", &plain),
         ([64, 3, 4, 4], "batch 64", &plain),
         ([4, 8, 5, 7], "gradient checkpointing", &checkpointed),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 100 * seed as u64;
         let channels = shape[1];
-        let gamma = Tensor::<1>::random([channels], Distribution::Normal(1.0, 0.5), device);
-        let beta = Tensor::<1>::random([channels], Distribution::Normal(0.0, 0.5), device);
+        let len = shape.iter().product::<usize>();
+        let vector =
+            |values: Vec<f32>| Tensor::<1>::from_data(TensorData::new(values, [channels]), device);
+        let gamma = vector(normal(channels, seed, 1.0, 0.5));
+        let beta = vector(normal(channels, seed + 1, 0.0, 0.5));
         let make = || {
             let mut bn: BatchNorm = BatchNormConfig::new(channels).init(device);
             bn.gamma = Param::from_tensor(gamma.clone());
@@ -718,8 +753,12 @@ fn training_batch_norm_matches_burn() {
         let (ours, burn) = (make(), make());
         // Two steps, so that the running statistics accumulate.
         for step in 0..2 {
-            let x = Tensor::<4>::random(shape, Distribution::Normal(0.5, 2.0), device).into_data();
-            let upstream = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device);
+            let step_seed = seed + 10 * (step + 1);
+            let x = TensorData::new(normal(len, step_seed, 0.5, 2.0), shape);
+            let upstream = Tensor::<4>::from_data(
+                TensorData::new(normal(len, step_seed + 1, 0.0, 1.0), shape),
+                device,
+            );
             let run = |bn: &BatchNorm, fused: bool| {
                 let x = Tensor::<4>::from_data(x.clone(), device).require_grad();
                 let out = if fused {
