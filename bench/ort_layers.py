@@ -57,6 +57,9 @@ def main():
         with open(session.end_profiling()) as f:
             events = json.load(f)
 
+    def spatial(shape):
+        return "x".join(map(str, shape[2:])) if shape and len(shape) > 2 else "-"
+
     # Every node's kernel time per pass; the warm-up passes are the first `warmup` of each.
     per_node = collections.defaultdict(list)
     shapes = {}
@@ -68,7 +71,6 @@ def main():
         inputs = [list(d.values())[0] for d in extra.get("input_type_shape", [])]
         outputs = [list(d.values())[0] for d in extra.get("output_type_shape", [])]
         weight = inputs[1] if len(inputs) > 1 else None
-        spatial = lambda shape: "x".join(map(str, shape[2:])) if shape and len(shape) > 2 else "-"
         shapes[event["name"]] = (
             extra.get("op_name", "?"),
             str(weight),
